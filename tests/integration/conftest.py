@@ -1,0 +1,90 @@
+"""One real local Ray cluster (`ray start --head`) shared by every integration test of the session.
+
+Start-up (~7 s) and teardown are paid once. Tests that drive Ray in-process use the `ray_session` fixture
+(a driver connected to that cluster); `ray job submit` tests use `ray_cluster.dashboard_url`. The cluster runs in
+its own process group and only that group is stopped at the end (`ray stop` would kill every Ray on the host).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class RayCluster:
+    address: str  # GCS address for ray.init(address=...)
+    dashboard_url: str  # for `ray job submit --address`
+    temp_dir: str
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    ray_bin = Path(sys.executable).with_name("ray")
+    temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's unix socket paths are length-limited
+    port, dash = _free_port(), _free_port()
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_DATA_DISABLE_PROGRESS_BARS="1")
+    cmd = [
+        str(ray_bin), "start", "--head", "--block",
+        f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+        "--num-cpus=4",  # logical CPUs: Train workers + Ray Data tasks must fit together (see docs)
+        "--object-store-memory=700000000", f"--temp-dir={temp_dir}",
+        f"--ray-client-server-port={_free_port()}", f"--min-worker-port={_free_port()}",
+        "--max-worker-port=0", "--disable-usage-stats",
+    ]  # fmt: skip
+    log = open(Path(temp_dir) / "ray-start.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    address, url = f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}"
+    deadline = time.time() + 90
+    import urllib.request
+
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/api/version", timeout=2):
+                break
+        except Exception:
+            if proc.poll() is not None or time.time() > deadline:
+                log.flush()
+                raise RuntimeError(f"ray start failed:\n{(Path(temp_dir) / 'ray-start.log').read_text()}") from None
+            time.sleep(0.5)
+    try:
+        yield RayCluster(address=address, dashboard_url=url, temp_dir=temp_dir)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=20)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        log.close()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ray_session(ray_cluster):
+    """A driver in this pytest process connected to the shared cluster."""
+    import ray
+
+    ray.init(address=ray_cluster.address, log_to_driver=False)
+    yield ray_cluster
+    ray.shutdown()
