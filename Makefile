@@ -4,6 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.neobert-installed
 CACHE_DIR ?= .cache/embedded
+# Jobs and tests read the embedded data from here too (pipelines.embedded honours NEOBERT_CACHE_DIR).
+export NEOBERT_CACHE_DIR ?= $(abspath $(CACHE_DIR))
 # CPU-only machines get the CPU wheel of torch first (plain `torch` pulls multi-GB CUDA wheels).
 CPU_TORCH ?= torch==2.13.0
 HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
