@@ -1,0 +1,417 @@
+"""Chunked masked-LM cross-entropy that never materializes the (T, vocab) logits.
+
+Shape legend: T = packed tokens, M = masked tokens (labels != -100), C = rows in one chunk,
+D = hidden size, V = decoder rows (``V_pad``, possibly padded to a multiple of 128),
+Vv = ``valid_vocab_size`` (real vocabulary; columns >= Vv are padding).
+
+Algorithm (backend ``"torch"``), per call:
+
+1. **Gather.** ``mask = labels != -100``; one device->host sync reads ``[M, min label, max label]``
+   together (the masked count is data-dependent: the chunk loop needs it on the host, and the label
+   range is validated in the same sync). The masked row indices come from a stable ``argsort`` of
+   ``~mask`` (no second sync), and ``hidden_M = hidden.index_select(0, idx)`` (M, D). Unmasked rows
+   never reach the decoder (~80% of the decoder FLOPs and memory saved at 20% masking).
+2. **Chunk.** A custom ``torch.autograd.Function`` walks the M rows in chunks of ``chunk_size``:
+   a. ``logits = hidden_C @ W^T + b`` in the compute dtype (bf16 under autocast): (C, V).
+   b. columns >= Vv are filled with ``-inf`` (padding rows of the decoder never win the softmax or
+      the argmax, and get exactly zero gradient).
+   c. row blocks of at most ``_FP32_BLOCK_ELEMS`` elements are processed in fp32: ``max``/``argmax``
+      in one pass, ``x = logits - max`` (upcast fused into the subtraction), ``exp``, ``sum`` ->
+      ``loss = log(sum) - (logit[target] - max)`` (= lse - logit[target], all fp32) and
+      ``correct = argmax == target`` into per-row (M,) buffers, and the gradient ``softmax - onehot``
+      is written back **into the logits buffer** (compute dtype).
+   d. ``grad_hidden_C = grad_logits @ W`` (each masked row is final after its own chunk);
+      ``grad_W += grad_logits^T @ hidden_C`` and ``grad_b += grad_logits.sum(0)``, accumulated in
+      ``accum_dtype`` (fp32 by default).
+   e. the chunk's logits buffer is dropped before the next chunk, so only one chunk (plus one fp32
+      row block) is ever alive: peak extra memory ~ ``2*C*V`` (bf16 logits) + 64 MiB (fp32 block)
+      + the gradient accumulators, independent of T. After the last chunk, ``loss_sum`` and
+      ``num_correct`` are the sums of the per-row buffers.
+3. **Backward** multiplies the saved gradients by ``grad_output`` (a scalar: the trainer divides
+   the loss sum by the global masked count) and casts them to the input dtypes; autograd's
+   ``index_select`` backward scatters ``grad_hidden_M`` back into a (T, D) gradient.
+
+Semantics: ``loss_sum`` is the **sum** (fp32) over masked tokens, so dividing by a global masked
+count across micro-batches and workers stays exact. ``num_correct`` counts argmax hits over the
+valid vocabulary. Zero masked tokens gives ``loss_sum == 0`` still attached to the graph, and zero
+(not NaN) gradients.
+
+Backend ``"liger"`` calls ``liger_kernel``'s ``LigerFusedLinearCrossEntropyLoss`` (Triton, the
+same chunk-and-grad-in-forward idea, fused) on the gathered rows; the padded decoder rows are
+sliced off instead of masked. The backend is resolved once at construction and logged once.
+
+torch.compile: the masked count M is data-dependent (it sets the number of chunks), so the loss
+call is wrapped in ``torch.compiler.disable``: compiling the encoder around it gives one clean
+graph break at the loss instead of recompiles for every new M.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from typing import Any, NamedTuple
+
+import torch
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+BACKENDS = ("auto", "torch", "liger")
+LIGER_INSTALL_HINT = "pip install liger-kernel"
+_LIGER_DEVICE_TYPES = ("cuda",)  # where liger's Triton kernels run (a hook for CPU tests of the adapter)
+# Upper bound on the fp32 (rows, V) block in step 2c: 2**24 elements = 64 MiB.
+_FP32_BLOCK_ELEMS = 1 << 24
+
+
+class MLMLossOutput(NamedTuple):
+    """Sum-reduced masked-LM loss and its counts (all 0-dim tensors on the input device)."""
+
+    loss_sum: torch.Tensor  # fp32, differentiable: sum of token losses over masked positions
+    num_masked: torch.Tensor  # int64: number of labels != -100
+    num_correct: torch.Tensor  # int64: masked positions whose argmax (over the valid vocab) == label
+
+
+def liger_available() -> bool:
+    """True when ``liger_kernel`` imports and CUDA is available (the only place it runs)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        from liger_kernel.transformers.fused_linear_cross_entropy import (  # noqa: F401
+            LigerFusedLinearCrossEntropyLoss,
+        )
+    except Exception:  # ImportError, or triton failing to import
+        return False
+    return True
+
+
+def _compute_dtype(device_type: str, hidden: torch.Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return hidden.dtype
+
+
+@functools.cache
+def _fp32_out_addmm_ok(device: str, dtype: torch.dtype) -> bool:
+    """Whether ``torch.addmm(..., out_dtype=float32)`` works here (CUDA, torch >= 2.8): decided once
+    per (device, dtype) by trying it on a 1x1 problem. It lets bf16 chunks accumulate into the fp32
+    grad_W without a (V, D) temporary."""
+    if not device.startswith("cuda") or dtype not in (torch.bfloat16, torch.float16):
+        return False
+    try:
+        acc = torch.zeros(1, 1, device=device, dtype=torch.float32)
+        a = torch.ones(1, 1, device=device, dtype=dtype)
+        torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+        return bool(acc.item() == 1.0)
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """Steps 2-3 of the module docstring, on already-gathered masked rows."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        hidden_MD: torch.Tensor,  # (M, D)
+        weight_VD: torch.Tensor,  # (V, D)
+        bias_V: torch.Tensor | None,  # (V,)
+        target_M: torch.Tensor,  # (M,) int64 in [0, Vv)
+        chunk_size: int,
+        valid_vocab_size: int,
+        compute_dtype: torch.dtype,
+        accum_dtype: torch.dtype,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        device = hidden_MD.device
+        M, D = hidden_MD.shape
+        V = weight_VD.shape[0]
+        need_h = ctx.needs_input_grad[0]
+        need_w = ctx.needs_input_grad[1]
+        need_b = bias_V is not None and ctx.needs_input_grad[2]
+        need_any = need_h or need_w or need_b
+
+        with torch.autocast(device.type, enabled=False):  # dtypes are explicit below
+            w_VD = weight_VD.to(compute_dtype)
+            b_V = bias_V.to(compute_dtype) if bias_V is not None else None
+            grad_h_MD = torch.empty(M, D, device=device, dtype=compute_dtype) if need_h else None
+            grad_w_VD = torch.zeros(V, D, device=device, dtype=accum_dtype) if need_w else None
+            grad_b_V = torch.zeros(V, device=device, dtype=accum_dtype) if need_b else None
+            use_out_dtype = (
+                need_w and accum_dtype != compute_dtype and _fp32_out_addmm_ok(str(device), compute_dtype)
+            )
+            # Per-row results land in (M,) buffers and are reduced once at the end: fewer tiny kernels.
+            loss_M = torch.empty(M, device=device, dtype=torch.float32)
+            correct_M = torch.empty(M, device=device, dtype=torch.bool)
+            # fp32 row blocks bound the fp32 temporary independently of chunk_size (fp32 logits need none).
+            block = chunk_size if compute_dtype == torch.float32 else max(1, _FP32_BLOCK_ELEMS // V)
+            rows_all = torch.arange(min(block, max(M, 1)), device=device)
+
+            for s in range(0, M, chunk_size):
+                e = min(s + chunk_size, M)
+                h_CD = hidden_MD[s:e].to(compute_dtype)
+                if b_V is not None:
+                    logits_CV = torch.addmm(b_V, h_CD, w_VD.t())
+                else:
+                    logits_CV = h_CD @ w_VD.t()
+                if valid_vocab_size < V:
+                    logits_CV[:, valid_vocab_size:] = float("-inf")
+
+                for r0 in range(s, e, block):
+                    r1 = min(r0 + block, e)
+                    lg_RV = logits_CV[r0 - s : r1 - s]
+                    t_R = target_M[r0:r1]
+                    rows = rows_all[: r1 - r0]
+                    max_R, pred_R = lg_RV.max(dim=-1)  # one pass: max for lse, argmax for accuracy
+                    torch.eq(pred_R, t_R, out=correct_M[r0:r1])
+                    x_RV = lg_RV - max_R.float().unsqueeze(1)  # (R, V) fp32: promotion fuses the upcast
+                    shifted_tgt_R = x_RV[rows, t_R]  # logit[target] - max
+                    x_RV.exp_()
+                    sum_R = x_RV.sum(dim=-1)
+                    # loss = lse - logit[target] = log(sum) - (logit[target] - max)
+                    torch.sub(sum_R.log(), shifted_tgt_R, out=loss_M[r0:r1])
+                    if need_any:
+                        # softmax - onehot = (exp - sum * onehot) / sum, written back in compute dtype
+                        x_RV[rows, t_R] -= sum_R
+                        torch.div(x_RV, sum_R.unsqueeze(1), out=lg_RV)
+                    del x_RV
+                g_CV = logits_CV  # now holds d(loss_sum)/d(logits) for the chunk
+                if need_h:
+                    torch.mm(g_CV, w_VD, out=grad_h_MD[s:e])
+                if need_w:
+                    if grad_w_VD.dtype == compute_dtype:
+                        grad_w_VD.addmm_(g_CV.t(), h_CD)
+                    elif use_out_dtype:
+                        torch.addmm(grad_w_VD, g_CV.t(), h_CD, out_dtype=accum_dtype, out=grad_w_VD)
+                    else:
+                        grad_w_VD.add_(g_CV.t() @ h_CD)
+                if need_b:
+                    grad_b_V.add_(g_CV.sum(dim=0, dtype=accum_dtype))
+                del logits_CV, g_CV, h_CD
+
+            loss_sum = loss_M.sum()
+            num_correct = correct_M.sum()
+
+        ctx.save_for_backward(grad_h_MD, grad_w_VD, grad_b_V)
+        ctx.dtypes = (hidden_MD.dtype, weight_VD.dtype, bias_V.dtype if bias_V is not None else None)
+        ctx.mark_non_differentiable(num_correct)
+        return loss_sum, num_correct
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_loss: torch.Tensor, _grad_correct: Any) -> tuple:
+        grad_h_MD, grad_w_VD, grad_b_V = ctx.saved_tensors
+        h_dtype, w_dtype, b_dtype = ctx.dtypes
+        # Out of place: backward(retain_graph=True) twice must give the same answer.
+        gh = (grad_h_MD * grad_loss).to(h_dtype) if grad_h_MD is not None else None
+        gw = (grad_w_VD * grad_loss).to(w_dtype) if grad_w_VD is not None else None
+        gb = (grad_b_V * grad_loss).to(b_dtype) if grad_b_V is not None else None
+        return gh, gw, gb, None, None, None, None, None
+
+
+class MaskedLMLoss:
+    """Sum-reduced masked-LM cross-entropy over the decoder, without (T, V) logits.
+
+    ``backend``: ``"auto"`` (liger when importable and CUDA is available, else torch), ``"torch"``
+    or ``"liger"`` (ValueError when unavailable). Resolved once here and logged once; the resolved
+    name is ``self.backend``. ``accum_dtype`` is the dtype of the grad_W / grad_b accumulators of
+    the torch backend (fp32 default; bf16 saves the fp32 (V, D) buffer at some precision cost).
+    See the module docstring for the algorithm.
+    """
+
+    def __init__(
+        self,
+        chunk_size: int = 4096,
+        backend: str = "auto",
+        *,
+        accum_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
+            raise ValueError(f"MaskedLMLoss: chunk_size must be a positive int, got {chunk_size!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"MaskedLMLoss: backend must be one of {BACKENDS}, got {backend!r}")
+        if accum_dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            raise ValueError(f"MaskedLMLoss: accum_dtype must be a floating dtype, got {accum_dtype!r}")
+        self.chunk_size = chunk_size
+        self.accum_dtype = accum_dtype
+        self._liger: Any = None
+        self._liger_accuracy = False
+        self._warned_frozen_input = False
+        if backend == "liger" and not liger_available():
+            why = "CUDA is not available" if not torch.cuda.is_available() else "liger_kernel does not import"
+            raise ValueError(
+                f"MaskedLMLoss: backend='liger' was forced but {why}. Install it on a CUDA machine with "
+                f"`{LIGER_INSTALL_HINT}`, or use backend='torch' (always available) or 'auto'."
+            )
+        self.backend = "liger" if backend == "liger" or (backend == "auto" and liger_available()) else "torch"
+        if self.backend == "liger":
+            self._build_liger()
+        log.info(
+            "[loss] masked-LM backend=%s (requested %s), chunk_size=%d%s",
+            self.backend,
+            backend,
+            chunk_size,
+            f", accum_dtype={accum_dtype}" if self.backend == "torch" else "",
+        )
+
+    def _build_liger(self) -> None:
+        from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+
+        params = inspect.signature(LigerFusedLinearCrossEntropyLoss.__init__).parameters
+        kwargs: dict[str, Any] = {"ignore_index": IGNORE_INDEX, "reduction": "sum"}
+        if "return_token_accuracy" in params:  # liger >= 0.6.3; older: argmax pass of our own
+            kwargs["return_token_accuracy"] = True
+            self._liger_accuracy = True
+        if "accum_dtype" in params:
+            kwargs["accum_dtype"] = self.accum_dtype
+        self._liger = LigerFusedLinearCrossEntropyLoss(**kwargs)
+
+    def __call__(
+        self,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        labels: torch.Tensor,
+        valid_vocab_size: int | None = None,
+    ) -> MLMLossOutput:
+        return self._forward(hidden, weight, bias, labels, valid_vocab_size)
+
+    @torch.compiler.disable  # data-dependent masked count: see the module docstring
+    def _forward(
+        self,
+        hidden_TD: torch.Tensor,
+        weight_VD: torch.Tensor,
+        bias_V: torch.Tensor | None,
+        labels_T: torch.Tensor,
+        valid_vocab_size: int | None,
+    ) -> MLMLossOutput:
+        vv = _check_inputs(hidden_TD, weight_VD, bias_V, labels_T, valid_vocab_size)
+        device = hidden_TD.device
+        mask_T = labels_T != IGNORE_INDEX
+        labels_or0 = labels_T.masked_fill(~mask_T, 0)
+        # The one host sync (step 1): M sets the chunk loop; the label range is checked with it.
+        num_masked = mask_T.sum()  # int64 0-dim, stays on the device
+        if labels_T.numel() == 0:
+            M, lo, hi = 0, 0, 0
+        else:
+            M, lo, hi = torch.stack([num_masked, labels_or0.min(), labels_or0.max()]).tolist()
+        if M and (lo < 0 or hi >= vv):
+            bad = lo if lo < 0 else hi
+            raise ValueError(
+                f"masked_lm_loss: labels must be {IGNORE_INDEX} (ignored) or a token id in [0, {vv}), "
+                f"found {bad}; fix the masking step, or pass valid_vocab_size=<real vocab size> "
+                f"(got {valid_vocab_size}, decoder has {weight_VD.shape[0]} rows)"
+            )
+        # Stable sort puts the masked positions first, in order, without a second sync.
+        idx_M = torch.argsort((~mask_T).to(torch.int8), stable=True)[:M]
+        hidden_MD = hidden_TD.index_select(0, idx_M)
+        target_M = labels_T.index_select(0, idx_M).long()
+        cdtype = _compute_dtype(device.type, hidden_TD)
+
+        use_liger = self.backend == "liger" and M > 0
+        # liger computes grad_W only when its input requires grad: a frozen encoder with a trainable
+        # decoder would get weight.grad = None. The torch path handles that case exactly.
+        frozen_input = torch.is_grad_enabled() and not hidden_MD.requires_grad
+        if use_liger and frozen_input and any(t is not None and t.requires_grad for t in (weight_VD, bias_V)):
+            if not self._warned_frozen_input:
+                log.warning("[loss] hidden does not require grad: torch path used (liger would drop grad_W)")
+                self._warned_frozen_input = True
+            use_liger = False
+        if use_liger:
+            if device.type not in _LIGER_DEVICE_TYPES:
+                raise ValueError(
+                    f"MaskedLMLoss(backend='liger') got tensors on {device}; liger runs on CUDA only. "
+                    "Use backend='torch' for CPU tensors."
+                )
+            loss_sum, num_correct = self._liger_loss(hidden_MD, weight_VD, bias_V, target_M, vv, cdtype)
+        else:
+            loss_sum, num_correct = _ChunkedLinearCrossEntropy.apply(
+                hidden_MD, weight_VD, bias_V, target_M, self.chunk_size, vv, cdtype, self.accum_dtype
+            )
+        return MLMLossOutput(loss_sum, num_masked, num_correct)
+
+    def _liger_loss(self, hidden_MD, weight_VD, bias_V, target_M, vv, cdtype):
+        # Liger has no column mask: slice the padded decoder rows off (a contiguous view; autograd
+        # gives the padding rows zero gradient). Casts are explicit so its kernel sees one dtype.
+        with torch.autocast(hidden_MD.device.type, enabled=False):
+            w = weight_VD[:vv].to(cdtype)
+            b = bias_V[:vv].to(cdtype) if bias_V is not None else None
+            out = self._liger(w, hidden_MD.to(cdtype), target_M, b)
+        if self._liger_accuracy:
+            loss = out.loss if hasattr(out, "loss") else out[0]
+            acc = out.token_accuracy if hasattr(out, "token_accuracy") else out[2]
+            # liger returns the mean accuracy over non-ignored rows (all M rows here).
+            num_correct = torch.round(acc.detach().double() * target_M.shape[0]).to(torch.int64)
+        else:
+            loss = out
+            num_correct = _count_correct(hidden_MD.detach(), weight_VD.detach(), bias_V, target_M, vv, cdtype)
+        return loss.float(), num_correct
+
+
+@torch.no_grad()
+def _count_correct(
+    hidden_MD, weight_VD, bias_V, target_M, vv, cdtype, chunk_size: int = 4096
+) -> torch.Tensor:
+    """Argmax hits in chunks (only for liger builds that cannot return token accuracy)."""
+    w = weight_VD[:vv].to(cdtype)
+    b = bias_V[:vv].to(cdtype) if bias_V is not None else None
+    correct = torch.zeros((), device=hidden_MD.device, dtype=torch.int64)
+    for s in range(0, hidden_MD.shape[0], chunk_size):
+        logits = hidden_MD[s : s + chunk_size].to(cdtype) @ w.t()
+        if b is not None:
+            logits += b
+        correct += (logits.argmax(-1) == target_M[s : s + chunk_size]).sum()
+    return correct
+
+
+def _check_inputs(hidden, weight, bias, labels, valid_vocab_size) -> int:
+    """Shape/dtype checks that need no device sync; returns the effective valid vocab size."""
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"masked_lm_loss: expected hidden (T, D) and weight (V, D) with the same D, got hidden "
+            f"{tuple(hidden.shape)} and weight {tuple(weight.shape)}; flatten packed hidden states to (T, D)"
+        )
+    if labels.dim() != 1 or labels.shape[0] != hidden.shape[0]:
+        raise ValueError(
+            f"masked_lm_loss: labels must be (T,) = ({hidden.shape[0]},) matching hidden, got "
+            f"{tuple(labels.shape)}; pass one label per packed token ({IGNORE_INDEX} = not masked)"
+        )
+    if labels.dtype not in (torch.int64, torch.int32, torch.int16):
+        raise ValueError(f"masked_lm_loss: labels must be an integer tensor, got {labels.dtype}")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(
+            f"masked_lm_loss: bias must be (V,) = ({weight.shape[0]},) like the decoder rows, got {tuple(bias.shape)}"
+        )
+    if not (hidden.device == weight.device == labels.device) or (
+        bias is not None and bias.device != hidden.device
+    ):
+        raise ValueError(
+            f"masked_lm_loss: all inputs must be on one device, got hidden {hidden.device}, weight "
+            f"{weight.device}, labels {labels.device}" + (f", bias {bias.device}" if bias is not None else "")
+        )
+    V = weight.shape[0]
+    vv = V if valid_vocab_size is None else valid_vocab_size
+    if isinstance(vv, bool) or not isinstance(vv, int) or not 0 < vv <= V:
+        raise ValueError(
+            f"masked_lm_loss: valid_vocab_size must be an int in [1, {V}] (the decoder's row count), "
+            f"got {valid_vocab_size!r}; pass the real vocabulary size (e.g. 30522), or None"
+        )
+    return vv
+
+
+_DEFAULT_LOSSES: dict[tuple[int, str], MaskedLMLoss] = {}
+
+
+def masked_lm_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    chunk_size: int = 4096,
+    backend: str = "auto",
+    valid_vocab_size: int | None = None,
+) -> MLMLossOutput:
+    """Functional form of :class:`MaskedLMLoss` (one cached instance per (chunk_size, backend))."""
+    key = (chunk_size, backend)
+    if key not in _DEFAULT_LOSSES:
+        _DEFAULT_LOSSES[key] = MaskedLMLoss(chunk_size=chunk_size, backend=backend)
+    return _DEFAULT_LOSSES[key](hidden, weight, bias, labels, valid_vocab_size=valid_vocab_size)
