@@ -49,6 +49,10 @@ def ray_cluster():
         "--object-store-memory=700000000", f"--temp-dir={temp_dir}",
         f"--ray-client-server-port={_free_port()}", f"--min-worker-port={_free_port()}",
         "--max-worker-port=0", "--disable-usage-stats",
+        # Every fixed default port gets a free one, so a second Ray on the host cannot break the job agent.
+        f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+        f"--metrics-export-port={_free_port()}", f"--node-manager-port={_free_port()}",
+        f"--object-manager-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
     ]  # fmt: skip
     log = open(Path(temp_dir) / "ray-start.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
