@@ -1,0 +1,71 @@
+"""Tokenize and pack raw text into Parquet shards of packed rows (+ report.json / report.html).
+
+    python jobs/preprocess.py                                  # embedded corpus -> outputs/preprocessed
+    python jobs/preprocess.py --input data/*.jsonl s3://bucket/corpus/ --output /data/packed --max-seq-len 512
+    python jobs/preprocess.py --config configs/my_preprocess.yaml --on-bad-row skip --pack-tokens 16384
+    ray job submit --working-dir . -- python jobs/preprocess.py --input /shared/raw --output /shared/packed
+
+Flags with dashes map onto `pipelines.preprocess.PreprocessConfig` fields; any other field can be set with a
+dotted/underscored override (`--chunk_docs 256`). Under `ray job submit` (RAY_ADDRESS set) it joins that cluster;
+otherwise it starts Ray in-process (`--address auto` joins a `ray start` cluster on this machine instead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout / `--working-dir .`
+
+from neobert.config_io import load_config  # noqa: E402
+from pipelines.preprocess import PreprocessConfig, run_preprocess  # noqa: E402
+
+FLAGS = ("output", "tokenizer", "max_seq_len", "min_seq_len", "pack_tokens", "text_column", "eval_fraction")
+FLAGS += ("on_bad_row", "seed", "id_column", "text_split")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--input", nargs="+", default=None, help="files, dirs, globs or URIs (default: embedded)"
+    )
+    for name in FLAGS:
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, default=None)
+    parser.add_argument("--config", default=None, help="YAML with PreprocessConfig fields")
+    parser.add_argument(
+        "--address", default=None, help="Ray address; default: $RAY_ADDRESS, else start locally"
+    )
+    args, overrides = parser.parse_known_args(argv)
+    for name in FLAGS:
+        if getattr(args, name) is not None:
+            overrides += [f"--{name}", getattr(args, name)]
+    cfg = load_config(PreprocessConfig, args.config, overrides)
+    if args.input:
+        cfg.input = list(args.input)
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    import ray
+
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)  # `ray job submit` / an existing cluster: no resource arguments allowed
+    else:
+        ray.init(address="local", include_dashboard=False)
+    report = run_preprocess(cfg)
+    summary = {k: report[k] for k in ("documents", "segments", "tokens", "packs", "fill_ratio", "elapsed_s")}
+    summary["skipped_rows"] = report["skipped_rows"]["by_reason"]
+    summary["train_packs"] = report["splits"]["train"]["packs"]
+    summary["eval_packs"] = report["splits"].get("eval", {}).get("packs", 0)
+    print(json.dumps(summary, indent=2))
+    print(f"shards: {report['output']}/train/  report: {report['output']}/report.html")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
