@@ -117,7 +117,12 @@ def validate_packed_table(
 
     if (bad := ids_len != num_tokens).any():
         r = first(bad)
-        raise _fail(source, r, "input_ids", f"length {ids_len[r - row_offset]} != num_tokens {num_tokens[r - row_offset]}")
+        raise _fail(
+            source,
+            r,
+            "input_ids",
+            f"length {ids_len[r - row_offset]} != num_tokens {num_tokens[r - row_offset]}",
+        )
     if (bad := num_tokens <= 0).any():
         raise _fail(source, first(bad), "num_tokens", "must be > 0 (an empty pack)")
     if pack_tokens is not None and (bad := num_tokens > pack_tokens).any():
@@ -125,10 +130,20 @@ def validate_packed_table(
         raise _fail(source, r, "num_tokens", f"{num_tokens[r - row_offset]} > pack_tokens {pack_tokens}")
     if (bad := pos_len != num_tokens).any():
         r = first(bad)
-        raise _fail(source, r, "position_ids", f"length {pos_len[r - row_offset]} != num_tokens {num_tokens[r - row_offset]}")
+        raise _fail(
+            source,
+            r,
+            "position_ids",
+            f"length {pos_len[r - row_offset]} != num_tokens {num_tokens[r - row_offset]}",
+        )
     if (bad := cu_len != num_segments + 1).any():
         r = first(bad)
-        raise _fail(source, r, "cu_seqlens", f"length {cu_len[r - row_offset]} != num_segments + 1 = {num_segments[r - row_offset] + 1}")
+        raise _fail(
+            source,
+            r,
+            "cu_seqlens",
+            f"length {cu_len[r - row_offset]} != num_segments + 1 = {num_segments[r - row_offset] + 1}",
+        )
     if (bad := num_segments <= 0).any():
         raise _fail(source, first(bad), "num_segments", "must be > 0")
     if (bad := ids < 0).any():
@@ -142,19 +157,34 @@ def validate_packed_table(
         raise _fail(source, r, "cu_seqlens", f"must start at 0, starts at {starts[r - row_offset]}")
     if (bad := ends != num_tokens).any():
         r = first(bad)
-        raise _fail(source, r, "cu_seqlens", f"must end at num_tokens={num_tokens[r - row_offset]}, ends at {ends[r - row_offset]}")
+        raise _fail(
+            source,
+            r,
+            "cu_seqlens",
+            f"must end at num_tokens={num_tokens[r - row_offset]}, ends at {ends[r - row_offset]}",
+        )
     seg_len = np.diff(cu)  # includes meaningless cross-row diffs at row boundaries; mask them out
     row_of_diff = np.repeat(np.arange(len(cu_len)), np.maximum(cu_len - 1, 0))
     within = np.ones(len(seg_len), dtype=bool)
     within[cu_off[1:-1] - 1] = False  # the diff straddling row i / row i+1
     seg_len = seg_len[within]
     if (bad := seg_len <= 0).any():
-        raise _fail(source, row_offset + int(row_of_diff[np.flatnonzero(bad)[0]]), "cu_seqlens", "must be strictly increasing")
+        raise _fail(
+            source,
+            row_offset + int(row_of_diff[np.flatnonzero(bad)[0]]),
+            "cu_seqlens",
+            "must be strictly increasing",
+        )
     row_max = np.zeros(len(cu_len), dtype=np.int64)
     np.maximum.at(row_max, row_of_diff, seg_len)
     if (bad := row_max != max_seqlen).any():
         r = first(bad)
-        raise _fail(source, r, "max_seqlen", f"{max_seqlen[r - row_offset]} != longest segment {row_max[r - row_offset]}")
+        raise _fail(
+            source,
+            r,
+            "max_seqlen",
+            f"{max_seqlen[r - row_offset]} != longest segment {row_max[r - row_offset]}",
+        )
     if max_seq_len is not None and (bad := max_seqlen > max_seq_len).any():
         r = first(bad)
         raise _fail(source, r, "max_seqlen", f"{max_seqlen[r - row_offset]} > max_seq_len {max_seq_len}")

@@ -66,6 +66,7 @@ REASONS: dict[str, str] = {
     "negative_equals_positive": "a negative equals the positive (case-insensitive, whitespace-collapsed)",
     "duplicate_pair": "(query, positive) already seen earlier (same or earlier source); detail names the first",
     "dangling_id": "BEIR: qrels / hard negatives reference a query or corpus id that does not exist",
+    "duplicate_id": "BEIR: an `_id` already defined earlier in the same queries / corpus file (first one kept)",
     "malformed_qrels": "BEIR: a qrels line without query-id, corpus-id, integer score",
     "qrel_not_positive": "BEIR: qrels score below min_qrel_score (not a positive pair)",
     "too_long": "a text is longer than max_seq_len tokens (truncation='reject')",
@@ -406,6 +407,17 @@ def _load_jsonl_map(path: Path, value_fn) -> tuple[dict[str, Any], list[tuple[in
                 missing = "'_id'" if rid is None else "'text'"
                 bad.append((lineno, line, "missing_field", f"{path.name} line {lineno}: no {missing}"))
                 continue
+            if str(rid) in out:  # a later definition would silently replace the first one
+                bad.append(
+                    (
+                        lineno,
+                        line,
+                        "duplicate_id",
+                        f"{path.name} line {lineno}: _id {str(rid)!r} defined "
+                        "earlier in the file; the first definition is kept, remove or rename this one",
+                    )
+                )
+                continue
             try:
                 out[str(rid)] = value_fn(rec)
             except ValueError as e:
@@ -485,6 +497,10 @@ class BeirJoiner:
                                 f"{neg_file} line {lineno}: needs query-id and corpus-ids",
                             )
                         )
+                        continue
+                    if str(qid) not in queries:  # otherwise never joined: silently unused
+                        detail = f"{neg_file} line {lineno}: unknown query-id {str(qid)!r} (not in {cfg.queries_file})"
+                        bad.append((neg_file, lineno, line, "dangling_id", detail))
                         continue
                     if not isinstance(ids, list):
                         ids = [ids]

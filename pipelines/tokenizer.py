@@ -37,7 +37,9 @@ def load_tokenizer(path: str | Path | None = None) -> Tokenizer:
     if p.is_dir():
         p = p / "tokenizer.json"
     if not p.exists():
-        raise FileNotFoundError(f"tokenizer file {p} does not exist; pass a tokenizer.json or a directory with one")
+        raise FileNotFoundError(
+            f"tokenizer file {p} does not exist; pass a tokenizer.json or a directory with one"
+        )
     tok = Tokenizer.from_file(str(p))
     tok.no_padding()
     tok.no_truncation()

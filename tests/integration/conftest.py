@@ -7,6 +7,7 @@ its own process group and only that group is stopped at the end (`ray stop` woul
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -54,7 +55,7 @@ def ray_cluster():
         f"--metrics-export-port={_free_port()}", f"--node-manager-port={_free_port()}",
         f"--object-manager-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
     ]  # fmt: skip
-    log = open(Path(temp_dir) / "ray-start.log", "w")
+    log = open(Path(temp_dir) / "ray-start.log", "w")  # noqa: SIM115 (closed in the finally below)
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     address, url = f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}"
     deadline = time.time() + 90
@@ -67,7 +68,9 @@ def ray_cluster():
         except Exception:
             if proc.poll() is not None or time.time() > deadline:
                 log.flush()
-                raise RuntimeError(f"ray start failed:\n{(Path(temp_dir) / 'ray-start.log').read_text()}") from None
+                raise RuntimeError(
+                    f"ray start failed:\n{(Path(temp_dir) / 'ray-start.log').read_text()}"
+                ) from None
             time.sleep(0.5)
     try:
         yield RayCluster(address=address, dashboard_url=url, temp_dir=temp_dir)
@@ -76,10 +79,8 @@ def ray_cluster():
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=20)
         except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
 

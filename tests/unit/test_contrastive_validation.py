@@ -436,6 +436,29 @@ def test_beir_dangling_ids(tmp_path):
     assert s["rows_read"] == 7 == s["valid"] + s["rejected"]
 
 
+def test_beir_duplicate_ids_and_dangling_negative_query_ids(tmp_path):
+    """A repeated `_id` must not silently replace the first definition, and a hard-negatives line for an unknown
+    query id must not be silently ignored: both are quarantined."""
+    root = tmp_path / "beir"
+    root.mkdir()
+    write_jsonl(root / "queries.jsonl", [{"_id": "q1", "text": "what is rust"},
+                                         {"_id": "q1", "text": "a different query"}])  # fmt: skip
+    write_jsonl(root / "corpus.jsonl", [{"_id": "d1", "text": "A systems language."},
+                                        {"_id": "d2", "text": "Unrelated text."}])  # fmt: skip
+    (root / "qrels").mkdir()
+    (root / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\n")
+    write_jsonl(root / "hard_negatives.jsonl", [{"query-id": "q1", "corpus-ids": ["d2"]},
+                                                {"query-id": "q77", "corpus-ids": ["d2"]}])  # fmt: skip
+    report, valid, quar = run_local(tmp_path, [SourceConfig("beir", str(root))])
+    got = sorted((q["file"], q["row"], q["reason"]) for q in quar)
+    assert got == [("hard_negatives.jsonl", 2, "dangling_id"), ("queries.jsonl", 2, "duplicate_id")]
+    assert valid == [
+        {"query": "what is rust", "positive": "A systems language.", "negatives": ["Unrelated text."],
+         "source": "beir"}
+    ]  # fmt: skip
+    assert report["sources"]["beir"]["reasons"] == {"dangling_id": 1, "duplicate_id": 1}
+
+
 # ------------------------------------------------------------------------------------------- report / job
 
 
