@@ -1,0 +1,197 @@
+"""Pretraining on Ray Train, end to end on the shared local cluster (2 CPU workers, gloo, tiny model).
+
+Three runs share their assertions (each costs ~15-30 s on 2 cores):
+  A  10 steps uninterrupted, as a real `ray job submit --working-dir . -- python jobs/pretrain.py` on the
+     embedded default corpus tokenized and packed on the fly (reference data order; loss must decrease);
+  B  in-process fits on the same corpus preprocessed once to Parquet (so the on-the-fly and the preprocessed
+     paths must yield the same rows in the same order): 6 steps with a worker crash injected at step 5
+     (restart from the step-3 checkpoint, finish at 6), then a re-fit under the same name with num_steps=10
+     (resume at step 6, mid-epoch 1).
+The train set is capped at 40 packed rows: 20 rows per worker = 5 micro-batches of 4 rows per epoch, so both
+restarts land mid-epoch and the run crosses epochs. Every micro-batch's rows+masks are fingerprinted
+(`logging.trace_data`); B's steps after each restart must equal A's steps exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+PACK = 128
+
+
+def overrides(storage: Path, name: str, **extra) -> list[str]:
+    base = {
+        "data.pack_tokens": PACK,
+        "data.num_train_rows": 40,
+        "data.num_eval_rows": 8,
+        "data.shuffle_buffer_rows": 8,
+        "train.tokens_per_micro_batch": 4 * PACK,
+        "train.num_steps": 10,
+        "train.warmup_steps": 2,
+        "train.lr": 3e-3,
+        "checkpoint.every_steps": 10,
+        "checkpoint.num_to_keep": 2,
+        "checkpoint.storage_path": str(storage),
+        "checkpoint.name": name,
+        "logging.every_steps": 2,
+        "logging.eval_every_steps": 0,
+        "logging.num_eval_batches": 2,
+        "logging.trace_data": True,
+        **extra,
+    }
+    return [f"--{k}={v}" for k, v in base.items()]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def trace(run_dir: Path, rank: int) -> list[dict]:
+    return read_jsonl(run_dir / f"data_trace.rank{rank}.jsonl")
+
+
+def fit(argv: list[str]):
+    from pipelines.pretrain import build_trainer, load_pretrain_config
+
+    cfg = load_pretrain_config(None, argv)
+    return cfg, build_trainer(cfg).fit()
+
+
+@pytest.fixture(scope="module")
+def run_a(ray_cluster, tmp_path_factory):
+    """The uninterrupted reference run, as a real job: `ray job submit --working-dir . -- python jobs/pretrain.py`
+    on the embedded default data (tokenized and packed on the fly)."""
+    storage = tmp_path_factory.mktemp("runs")
+    ray_bin = Path(sys.executable).with_name("ray")
+    cmd = [
+        str(ray_bin), "job", "submit", "--address", ray_cluster.dashboard_url, "--working-dir", str(REPO),
+        "--", sys.executable, "jobs/pretrain.py", *overrides(storage, "a"),
+    ]  # fmt: skip
+    env = dict(os.environ, RAY_DATA_DISABLE_PROGRESS_BARS="1")
+    deadline = time.time() + 60
+    while True:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+        # A fresh cluster's job agent may not be up yet; the submit is refused before anything runs.
+        if "No available agent to submit job" not in proc.stderr + proc.stdout or time.time() > deadline:
+            return storage / "a", proc
+        time.sleep(2)
+
+
+@pytest.fixture(scope="module")
+def packed_dir(ray_session, tmp_path_factory):
+    """The same corpus preprocessed once to Parquet (jobs/preprocess.py's library call), so the in-process fits
+    skip tokenization; its rows must come out in the same order as the on-the-fly pipeline's."""
+    from pipelines.preprocess import PreprocessConfig, run_preprocess
+
+    out = tmp_path_factory.mktemp("packed")
+    run_preprocess(PreprocessConfig(output=str(out), pack_tokens=PACK, max_seq_len=PACK))
+    return out
+
+
+@pytest.fixture(scope="module")
+def run_b(ray_session, run_a, packed_dir, tmp_path_factory):
+    """In-process fits: 6 steps with a crash injected at step 5, then a re-fit of the same name to 10 steps."""
+    storage = tmp_path_factory.mktemp("runs")
+    common = {"data.packed_dir": packed_dir, "logging.num_eval_batches": 0, "checkpoint.every_steps": 3}
+    cfg, crashed = fit(
+        overrides(storage, "b", **common, **{"train.num_steps": 6, "failure.inject_failure_at_step": 5,
+                                             "failure.max_failures": 1})
+    )  # fmt: skip
+    crashed_state = train_state(crashed.checkpoint)  # read now: the re-fit's checkpoints rotate it out
+    run_dir = Path(cfg.run_dir)
+    after_crash = {r: len(trace(run_dir, r)) for r in (0, 1)}
+    _, resumed = fit(overrides(storage, "b", **common))
+    return run_dir, crashed, crashed_state, resumed, after_crash
+
+
+def train_state(checkpoint) -> dict:
+    with checkpoint.as_directory() as d:
+        return torch.load(Path(d) / "train_state.pt", map_location="cpu", weights_only=False)
+
+
+def test_job_submit_trains_loss_decreases_metrics_and_checkpoint(run_a):
+    run_dir, proc = run_a
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert f"run dir: {run_dir}" in out and f"metrics: {run_dir / 'metrics.jsonl'}" in out
+    final = out.split("final checkpoint: ")[1].split()[0]
+    assert final.startswith(str(run_dir)), final
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    train = [r for r in records if "train/loss" in r]
+    assert [r["step"] for r in train] == [2, 4, 6, 8, 10]
+    for key in (
+        "train/mlm_accuracy",
+        "train/tokens_per_s",
+        "data/wait_fraction",
+        "train/lr",
+        "train/grad_norm",
+    ):
+        assert all(key in r for r in train), key
+    assert "train/mfu" not in train[0]  # CPU: no MFU
+    first, last = train[0]["train/loss"], train[-1]["train/loss"]
+    print(f"train/loss {first:.3f} -> {last:.3f}")
+    assert last < first - 0.5, (first, last)
+    evals = [r for r in records if "eval/loss" in r]
+    assert evals and evals[-1]["step"] == 10 and evals[-1]["eval/loss"] < 10.4  # ln(30522) = 10.33 at init
+    state = torch.load(Path(final) / "train_state.pt", map_location="cpu", weights_only=False)
+    assert state["step"] == 10 and state["world_size"] == 2
+    assert (state["epoch"], state["batches_in_epoch"]) == (
+        1,
+        5,
+    )  # 5 micro-batches per epoch: 2 epochs exactly
+    from neobert.checkpoint import load_mlm
+
+    model = load_mlm(final)
+    assert model.config.hidden_size == 64
+    t0 = trace(run_dir, 0)
+    assert [r["step"] for r in t0] == list(range(1, 11)) and [r["epoch"] for r in t0] == [0] * 5 + [1] * 5
+    epoch0, epoch1 = [r["rows_sha"] for r in t0[:5]], [r["rows_sha"] for r in t0[5:]]
+    assert len(set(epoch0)) == 5 and not set(epoch0) & set(epoch1), "epoch 1 must reshuffle the rows"
+    assert t0[0]["rows_sha"] != trace(run_dir, 1)[0]["rows_sha"], "ranks must see different rows"
+
+
+def test_injected_failure_recovers_with_exact_data_position(run_a, run_b):
+    a_dir = run_a[0]
+    run_dir, crashed, crashed_state, _, after_crash = run_b
+    assert crashed.error is None
+    assert crashed_state["step"] == 6
+    for rank in (0, 1):
+        got = trace(run_dir, rank)[: after_crash[rank]]
+        steps = [r["step"] for r in got]
+        assert steps == [1, 2, 3, 4, 5, 4, 5, 6], (
+            steps
+        )  # crashed after step 5, resumed from the step-3 checkpoint
+        ref = {r["step"]: r["sha"] for r in trace(a_dir, rank)}
+        assert [r["sha"] for r in got] == [ref[s] for s in steps], (
+            f"rank {rank}: data/masks differ after restart"
+        )
+    steps = [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in r]
+    assert steps[: steps.index(6) + 1] == [2, 4, 6], (
+        steps
+    )  # records past the checkpoint were dropped on restart
+
+
+def test_resume_continues_at_next_step_and_unseen_rows(run_a, run_b):
+    a_dir = run_a[0]
+    run_dir, _, _, resumed, after_crash = run_b
+    assert resumed.error is None
+    state = train_state(resumed.checkpoint)
+    ref_state = {"epoch": 1, "batches_in_epoch": 5}  # the uninterrupted run's final position (checked above)
+    assert state["step"] == 10
+    assert (state["epoch"], state["batches_in_epoch"]) == (ref_state["epoch"], ref_state["batches_in_epoch"])
+    for rank in (0, 1):
+        got = trace(run_dir, rank)[after_crash[rank] :]
+        assert [r["step"] for r in got] == [7, 8, 9, 10]
+        ref = {r["step"]: (r["sha"], r["epoch"]) for r in trace(a_dir, rank)}
+        assert [(r["sha"], r["epoch"]) for r in got] == [ref[r["step"]] for r in got], f"rank {rank}"
