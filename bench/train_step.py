@@ -1,0 +1,423 @@
+"""Full NeoBERT training step on one GPU: packed (varlen) vs padded, tokens/s, MFU, recompiles, peak memory.
+
+One step = forward, chunked masked-LM loss, backward, fused AdamW, in bf16 autocast with fp32 weights.
+Documents have long-tailed lengths (lognormal, median `--median-len`, capped at `--max-seq-len`); each step's
+documents are packed greedily into a static budget of `--tokens-per-step` tokens (the tail is one trailing
+padding segment with labels -100, as the training collate does). The padded baseline trains the same model
+(same init) on the same documents per step, in micro-batches of `--padded-batch-size` documents padded to
+the longest one in the micro-batch (dynamic padding), with gradient accumulation to one optimizer step.
+
+    python bench/train_step.py --variants packed,padded --compile          # the headline comparison
+    python bench/train_step.py --variants packed --compile --max-seqlen-mode bucket
+    python bench/train_step.py --memory-sweep --compile                    # peak memory table
+    python bench/train_step.py --preset tiny --steps 3 --warmup 1 --device cpu   # plumbing check on a CPU
+
+MFU counts model FLOPs of the non-padding tokens only: 6 * tokens * (encoder linear params) + 6 * masked *
+(decoder params) + 12 * layers * hidden * sum(doc_len^2) (attention matmuls, fwd + bwd), over 989 TFLOP/s
+(H100 SXM dense bf16). Flags: see `--help`. Prints one JSON line per result (and appends it to `--json-out`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from neobert.model import NeoBERTConfig, NeoBERTForMLM  # noqa: E402
+from neobert.packing import PackedMeta  # noqa: E402
+
+PEAK_FLOPS = 989e12  # H100 SXM dense bf16
+MASK_ID, PAD_ID = 103, 0
+
+
+@dataclass
+class Step:
+    """One step's documents, packed (GPU tensors) and as a list of lengths (for the padded path)."""
+
+    input_ids: torch.Tensor  # (T_budget,)
+    labels: torch.Tensor  # (T_budget,) -100 = not masked / padding
+    cu_seqlens: torch.Tensor  # (num_docs + 2,) int32: documents + the trailing padding segment
+    true_max: int  # longest real document
+    lengths: list[int]  # real documents
+    num_tokens: int  # non-padding tokens
+    num_masked: int
+    attn_sq: int  # sum(len^2) over real documents
+    padded: list | None = None  # micro-batches for the padded path, built on first use
+
+
+def make_steps(args, vocab: int, device: torch.device) -> list[Step]:
+    rng = np.random.default_rng(args.seed)
+    budget, cap = args.tokens_per_step, args.max_seq_len
+    steps = []
+    pending: list[int] = []
+    while len(steps) < args.warmup + args.steps:
+        while sum(pending) < budget + cap:
+            pending.append(int(np.clip(rng.lognormal(math.log(args.median_len), args.sigma), 16, cap)))
+        lengths, used = [], 0
+        while pending and used + pending[0] <= budget:
+            used += pending[0]
+            lengths.append(pending.pop(0))
+        ids = rng.integers(1000, vocab, used)
+        masked = rng.random(used) < args.mask_prob
+        labels = np.where(masked, ids, -100)
+        ids = np.where(masked, MASK_ID, ids)
+        pad = budget - used
+        ids = np.concatenate([ids, np.full(pad, PAD_ID)])
+        labels = np.concatenate([labels, np.full(pad, -100)])
+        cu = np.concatenate([[0], np.cumsum(lengths)] + ([[budget]] if pad else []))
+        steps.append(
+            Step(
+                input_ids=torch.as_tensor(ids, dtype=torch.long, device=device),
+                labels=torch.as_tensor(labels, dtype=torch.long, device=device),
+                cu_seqlens=torch.as_tensor(cu, dtype=torch.int32, device=device),
+                true_max=max(lengths + ([pad] if pad else [])),
+                lengths=lengths,
+                num_tokens=used,
+                num_masked=int(masked.sum()),
+                attn_sq=int(sum(n * n for n in lengths)),
+            )
+        )
+    return steps
+
+
+def max_seqlen_for(step: Step, mode: str, bound: int) -> int:
+    if mode == "exact":
+        return step.true_max
+    if mode == "bucket":  # next power of two >= 128
+        return min(bound, max(128, 1 << (step.true_max - 1).bit_length()))
+    return bound  # "bound": the configured max_seq_len, one static value
+
+
+def position_ids_for(cu: torch.Tensor, total: int) -> torch.Tensor:
+    # Built on the device without a sync: doc start of every token via searchsorted.
+    tok = torch.arange(total, device=cu.device, dtype=torch.int32)
+    doc = torch.searchsorted(cu[1:], tok, right=True)
+    return tok - cu[doc]
+
+
+def model_flops(cfg: NeoBERTConfig, step: Step) -> float:
+    D, F, L = cfg.hidden_size, cfg.ffn_hidden_size, cfg.num_layers
+    enc_params = L * (3 * D * D + D * D + 2 * F * D + F * D)
+    dec_params = D * cfg.padded_vocab_size
+    return (
+        6.0 * step.num_tokens * enc_params + 6.0 * step.num_masked * dec_params + 12.0 * L * D * step.attn_sq
+    )
+
+
+def build(cfg: NeoBERTConfig, args, device, *, dynamic: bool = False):
+    torch.manual_seed(args.seed)
+    model = NeoBERTForMLM(cfg, loss_chunk_size=args.loss_chunk_size).to(device)
+    if args.compile:
+        model.encoder.compile_layers(dynamic=(args.dynamic or dynamic) or None)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, fused=device.type == "cuda")
+    return model, opt
+
+
+def packed_step(model, opt, step: Step, args, device) -> torch.Tensor:
+    meta = PackedMeta(
+        step.cu_seqlens,
+        max_seqlen_for(step, args.max_seqlen_mode, args.max_seq_len),
+        position_ids_for(step.cu_seqlens, step.input_ids.shape[0]),
+    )
+    if args.compile:
+        torch._dynamo.mark_dynamic(meta.cu_seqlens, 0)  # num_docs varies per step: one symbolic dim
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        out = model(step.input_ids, meta, step.labels)
+    loss = out.loss_sum / step.num_masked  # the trainer divides by the global masked count
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def micro_batches(lengths: list[int], size: int) -> list[list[int]]:
+    """Consecutive groups of `size` documents; a last group of one joins the previous group, because a batch
+    dimension of 1 is specialized by torch.compile (one more graph mid-run)."""
+    groups = [lengths[i : i + size] for i in range(0, len(lengths), size)]
+    if len(groups) > 1 and len(groups[-1]) == 1:
+        groups[-2] = groups[-2] + groups.pop()
+    return groups
+
+
+def padded_batches(step: Step, args, device) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The step's documents as micro-batches (ids, mask, labels) of shape (B, S), S = longest in the batch.
+    Built once before timing: a pageable host->device copy inside the loop would stall the GPU queue."""
+    if step.padded is None:
+        ids, labels = step.input_ids.cpu().numpy(), step.labels.cpu().numpy()
+        out, o = [], 0
+        for lens in micro_batches(step.lengths, args.padded_batch_size):
+            lens = np.asarray(lens)
+            S = (
+                -(-int(lens.max()) // 8) * 8
+            )  # pad to a multiple of 8 (HF pad_to_multiple_of=8; no S % 8 guard)
+            starts = o + np.concatenate([[0], np.cumsum(lens)[:-1]])
+            valid = np.arange(S)[None, :] < lens[:, None]  # (B, S)
+            idx = np.where(valid, starts[:, None] + np.arange(S)[None, :], 0)
+            b_ids = np.where(valid, ids[idx], PAD_ID)
+            b_lab = np.where(valid, labels[idx], -100)
+            out.append(
+                tuple(torch.as_tensor(a, device=device) for a in (b_ids, valid.astype(np.int64), b_lab))
+            )
+            o += int(lens.sum())
+        step.padded = out
+    return step.padded
+
+
+def padded_step(model, opt, step: Step, args, device) -> torch.Tensor:
+    total = torch.zeros((), device=device)
+    for b_ids, mask, b_lab in padded_batches(step, args, device):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out = model.forward_padded(b_ids, mask, b_lab)
+        loss = out.loss_sum / step.num_masked
+        loss.backward()
+        total += loss.detach()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return total
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def graph_count() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def run_variant(variant: str, cfg: NeoBERTConfig, steps: list[Step], args, device) -> dict:
+    model, opt = build(cfg, args, device, dynamic=variant == "padded")  # padded: (B, S) vary per micro-batch
+    fn = packed_step if variant == "packed" else padded_step
+    if variant == "padded":
+        for s in steps:
+            padded_batches(s, args, device)
+        if (
+            args.compile
+        ):  # compile the small-batch graph too (inductor guards on B*S size), outside the timing
+            b_ids = steps[0].input_ids[:32].view(2, 16)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                model.forward_padded(b_ids, torch.ones_like(b_ids), b_ids).loss_sum.backward()
+            opt.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    graphs_at_start = graph_count()
+    t0 = time.perf_counter()
+    for s in steps[: args.warmup]:
+        fn(model, opt, s, args, device)
+    sync(device)
+    warm_s = time.perf_counter() - t0
+    graphs_before = graph_count()
+    graphs_in_warmup = graphs_before - graphs_at_start
+    syncs = sync_sites = None
+    if args.check_syncs and device.type == "cuda":
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            fn(model, opt, steps[args.warmup], args, device)
+            torch.cuda.set_sync_debug_mode("default")
+        # torch also warns once that the debug mode is a "prototype feature": that notice is not a sync
+        hits = [w for w in caught if "synchroniz" in str(w.message) and "prototype" not in str(w.message)]
+        syncs = len(hits)
+        sync_sites = sorted({f"{Path(w.filename).name}:{w.lineno}" for w in hits})
+        sync(device)
+    timed = steps[args.warmup :]
+    t0 = time.perf_counter()
+    losses = [fn(model, opt, s, args, device) for s in timed]
+    sync(device)
+    dt = time.perf_counter() - t0
+    tokens = sum(s.num_tokens for s in timed)
+    flops = sum(model_flops(cfg, s) for s in timed)
+    res = {
+        "variant": variant,
+        "backend": model.attn_backend if variant == "packed" else "sdpa-padded",
+        "compile": args.compile,
+        "max_seqlen_mode": args.max_seqlen_mode if variant == "packed" else None,
+        "tokens_per_step": args.tokens_per_step,
+        "max_seq_len": args.max_seq_len,
+        "steps": len(timed),
+        "step_ms": 1000 * dt / len(timed),
+        "tokens_per_s": tokens / dt,
+        "mfu": flops / dt / PEAK_FLOPS,
+        "tflops": flops / dt / 1e12,
+        "padding_frac": (
+            1 - tokens / (len(timed) * args.tokens_per_step)
+            if variant == "packed"
+            else _pad_frac(timed, args)
+        ),
+        "warmup_s": warm_s,
+        "new_graphs_in_timed_loop": graph_count() - graphs_before,
+        "host_syncs_per_step": syncs,
+        "sync_sites": sync_sites,
+        "graphs_in_warmup": graphs_in_warmup,
+        "bf16_residual": args.bf16_residual,
+        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+        "final_loss": float(losses[-1]),
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+    }
+    if args.profile and device.type == "cuda":
+        res["profile"] = profile(fn, model, opt, timed[:3], args, device, variant)
+    del model, opt
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return res
+
+
+def _pad_frac(timed: list[Step], args) -> float:
+    real = padded = 0
+    for s in timed:
+        for lens in micro_batches(s.lengths, args.padded_batch_size):
+            real += sum(lens)
+            padded += -(-max(lens) // 8) * 8 * len(lens)
+    return 1 - real / padded
+
+
+def profile(fn, model, opt, steps, args, device, variant) -> list[dict]:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for s in steps:
+            fn(model, opt, s, args, device)
+        sync(device)
+    if args.profile_out:
+        Path(args.profile_out).parent.mkdir(parents=True, exist_ok=True)
+        table = prof.key_averages().table(
+            sort_by="self_device_time_total", row_limit=40, max_name_column_width=90
+        )
+        Path(f"{args.profile_out}.{variant}.txt").write_text(table)
+    events = [e for e in prof.key_averages() if getattr(e, "self_device_time_total", 0) > 0]
+    events.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    total = sum(e.self_device_time_total for e in events)
+    return [
+        {
+            "name": e.key[:80],
+            "ms_per_step": e.self_device_time_total / 1000 / len(steps),
+            "frac": e.self_device_time_total / total,
+        }
+        for e in events[:15]
+    ]
+
+
+def memory_sweep(cfg: NeoBERTConfig, args, device) -> list[dict]:
+    rows = []
+    for max_len in args.sweep_max_seq_len:
+        for tokens in args.sweep_tokens:
+            a = argparse.Namespace(**{**vars(args), "tokens_per_step": tokens, "max_seq_len": max_len})
+            a.warmup, a.steps = 1, 2
+            a.median_len = args.median_len * max_len / 1024  # longer documents where the cap allows them
+            row = {
+                "tokens_per_step": tokens,
+                "max_seq_len": max_len,
+                "compile": args.compile,
+                "backend": args.backend,
+            }
+            try:
+                steps = make_steps(a, cfg.vocab_size, device)
+                model, opt = build(cfg, a, device)
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+                t0 = time.perf_counter()
+                for s in steps:
+                    packed_step(model, opt, s, a, device)
+                sync(device)
+                row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                row["step_ms_incl_warmup"] = 1000 * (time.perf_counter() - t0) / len(steps)
+            except torch.OutOfMemoryError:
+                row["peak_mem_gib"] = "OOM"
+            finally:
+                model = opt = steps = None
+                gc.collect()
+                torch.cuda.empty_cache()
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="base", choices=["tiny", "small", "base"])
+    p.add_argument(
+        "--backend", default="auto", help="attention backend: auto | flash_attn | torch_varlen | sdpa"
+    )
+    p.add_argument("--compile", action="store_true", help="torch.compile every encoder block")
+    p.add_argument(
+        "--dynamic", action="store_true", help="compile with dynamic=True (else automatic dynamic)"
+    )
+    p.add_argument(
+        "--variants", default="packed,padded", help="comma list of packed, padded (same documents)"
+    )
+    p.add_argument("--max-seqlen-mode", default="bound", choices=["bound", "bucket", "exact"])
+    p.add_argument("--tokens-per-step", type=int, default=65536)
+    p.add_argument("--max-seq-len", type=int, default=1024)
+    p.add_argument("--median-len", type=float, default=300.0)
+    p.add_argument("--sigma", type=float, default=0.8, help="lognormal sigma of document lengths")
+    p.add_argument("--mask-prob", type=float, default=0.2)
+    p.add_argument("--padded-batch-size", type=int, default=32, help="documents per padded micro-batch")
+    p.add_argument("--loss-chunk-size", type=int, default=4096)
+    p.add_argument("--steps", type=int, default=15)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--bf16-residual", action="store_true", help="NeoBERTConfig(fp32_residual=False)")
+    p.add_argument(
+        "--check-syncs", action="store_true", help="count host syncs in one step (cuda sync debug)"
+    )
+    p.add_argument(
+        "--profile", action="store_true", help="torch.profiler over 3 steps; top kernels in the JSON"
+    )
+    p.add_argument("--profile-out", default=None, help="write the profiler table to PREFIX.<variant>.txt")
+    p.add_argument("--memory-sweep", action="store_true")
+    p.add_argument("--sweep-tokens", type=int, nargs="+", default=[8192, 16384, 32768, 65536, 131072])
+    p.add_argument("--sweep-max-seq-len", type=int, nargs="+", default=[1024, 4096, 8192])
+    p.add_argument("--json-out", default=None, help="append result JSON lines here")
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    cfg = NeoBERTConfig.preset(
+        args.preset,
+        attn_backend=args.backend,
+        max_position_embeddings=max(8192, args.max_seq_len),
+        fp32_residual=not args.bf16_residual,
+    )
+    results = []
+    if args.memory_sweep:
+        results = memory_sweep(cfg, args, device)
+    else:
+        steps = make_steps(args, cfg.vocab_size, device)
+        for variant in args.variants.split(","):
+            try:
+                res = run_variant(variant, cfg, steps, args, device)
+            except torch.OutOfMemoryError:
+                res = {"variant": variant, "error": "OOM", "tokens_per_step": args.tokens_per_step}
+                torch.cuda.empty_cache()
+            print(json.dumps(res), flush=True)
+            results.append(res)
+        by = {r["variant"]: r for r in results if "error" not in r}
+        if "packed" in by and "padded" in by:
+            ratio = by["packed"]["tokens_per_s"] / by["padded"]["tokens_per_s"]
+            print(json.dumps({"packed_over_padded": ratio}), flush=True)
+            results.append({"packed_over_padded": ratio, "compile": args.compile})
+    if args.json_out:
+        with open(args.json_out, "a") as f:
+            for r in results:
+                f.write(json.dumps(r) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""Attention backends: resolution (auto, forced, error paths) and the exact `sdpa` reference vs a naive loop."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from neobert import attention
+from neobert.attention import build_attention, force_backend, resolve_backend, sdpa_varlen
+from neobert.packing import PackedMeta
+
+
+@pytest.mark.parametrize(
+    ("cuda", "fa", "tv", "expected"),
+    [
+        (True, True, True, "flash_attn"),
+        (True, False, True, "torch_varlen"),
+        (True, False, False, "sdpa"),
+        (False, True, True, "sdpa"),
+        (False, False, False, "sdpa"),
+    ],
+)
+def test_auto_resolution(cuda: bool, fa: bool, tv: bool, expected: str) -> None:
+    got = resolve_backend("auto", cuda_available=cuda, flash_attn_available=fa, torch_varlen_available=tv)
+    assert got == expected
+
+
+@pytest.mark.parametrize("name", ["flash_attn", "torch_varlen"])
+def test_cuda_backend_on_cpu_names_the_alternative(name: str) -> None:
+    with pytest.raises(ValueError, match="attn_backend='sdpa'"):
+        resolve_backend(name, cuda_available=False, flash_attn_available=True, torch_varlen_available=True)
+
+
+def test_missing_packages_name_the_fix() -> None:
+    with pytest.raises(ValueError, match="pip install flash-attn"):
+        resolve_backend("flash_attn", cuda_available=True, flash_attn_available=False)
+    with pytest.raises(ValueError, match="torch >= 2.10"):
+        resolve_backend("torch_varlen", cuda_available=True, torch_varlen_available=False)
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        resolve_backend("xformers")
+
+
+def test_explicit_choice_is_kept() -> None:
+    assert resolve_backend("sdpa", cuda_available=True, flash_attn_available=True) == "sdpa"
+    assert resolve_backend("torch_varlen", cuda_available=True, torch_varlen_available=True) == "torch_varlen"
+
+
+def test_force_backend_hook_overrides_auto_only() -> None:
+    with force_backend("torch_varlen"):
+        # auto -> forced name, and the forced name still passes the availability checks
+        assert resolve_backend("auto", cuda_available=True, torch_varlen_available=True) == "torch_varlen"
+        with pytest.raises(ValueError, match="sdpa"):
+            resolve_backend("auto", cuda_available=False)
+        assert resolve_backend("sdpa", cuda_available=True) == "sdpa"
+    assert resolve_backend("auto", cuda_available=False) == "sdpa"  # restored
+    with pytest.raises(ValueError), force_backend("nope"):
+        pass
+
+
+def test_build_logs_once(caplog: pytest.LogCaptureFixture) -> None:
+    attention._logged.clear()
+    with caplog.at_level(logging.INFO, logger="neobert.attention"):
+        for _ in range(3):
+            name, fn = build_attention("sdpa")
+    assert name == "sdpa" and fn is sdpa_varlen
+    assert sum("attention backend" in r.message for r in caplog.records) == 1
+
+
+@pytest.mark.parametrize("fn", [attention._torch_varlen, attention._flash_attn])
+def test_cuda_kernels_reject_cpu_tensors(fn) -> None:
+    if fn is attention._flash_attn and not attention.have_flash_attn():
+        pytest.skip("flash-attn not installed (its import comes first)")
+    q = torch.randn(4, 2, 8)
+    with pytest.raises(ValueError, match="attn_backend='sdpa'"):
+        fn(q, q, q, PackedMeta.from_lengths([4]), 0.5)
+
+
+def naive_varlen(q, k, v, lengths, scale):
+    """Reference: one explicit softmax(QK^T)V per document (Python loop)."""
+    out, o = [], 0
+    for n in lengths:
+        qs, ks, vs = (t[o : o + n].transpose(0, 1) for t in (q, k, v))  # (N, n, H)
+        p = torch.softmax(qs @ ks.transpose(-1, -2) * scale, dim=-1)
+        out.append((p @ vs).transpose(0, 1))
+        o += n
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("bound", [None, 64])
+def test_sdpa_varlen_matches_naive_per_document(bound: int | None) -> None:
+    torch.manual_seed(0)
+    lengths = [1, 9, 4, 17, 2]
+    meta = PackedMeta.from_lengths(lengths)
+    if bound:
+        meta = meta._replace(max_seqlen=bound)  # a static upper bound must not change the result
+    T, N, H = sum(lengths), 3, 8
+    q, k, v = (torch.randn(T, N, H, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    g = torch.randn(T, N, H, dtype=torch.float64)
+    got = sdpa_varlen(q, k, v, meta, H**-0.5)
+    grads = torch.autograd.grad(got, (q, k, v), g)
+    ref = naive_varlen(q, k, v, lengths, H**-0.5)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), g)
+    diff = (got - ref).abs().max().item()
+    gdiff = max((a - b).abs().max().item() for a, b in zip(grads, ref_grads, strict=True))
+    print(f"sdpa_varlen vs naive: max abs diff out {diff:.2e}, grads {gdiff:.2e}")
+    assert diff <= 1e-10 and gdiff <= 1e-10
+
+
+def test_sdpa_varlen_keeps_documents_apart() -> None:
+    """Changing document 2 must not change the output of documents 1 and 3."""
+    torch.manual_seed(0)
+    lengths = [5, 6, 7]
+    meta = PackedMeta.from_lengths(lengths)
+    q, k, v = (torch.randn(18, 2, 4) for _ in range(3))
+    a = sdpa_varlen(q, k, v, meta, 0.5)
+    k2, v2 = k.clone(), v.clone()
+    k2[5:11] += 3.0
+    v2[5:11] -= 2.0
+    b = sdpa_varlen(q, k2, v2, meta, 0.5)
+    assert torch.equal(a[:5], b[:5]) and torch.equal(a[11:], b[11:])
+    assert not torch.allclose(a[5:11], b[5:11])
