@@ -97,6 +97,20 @@ def chunked(loss_fn: MaskedLMLoss):
     return run
 
 
+def unfused_rows(loss_fn: MaskedLMLoss):
+    import neobert.loss as loss_mod
+
+    def run(h, w, b, labels, vv):
+        loss_mod._USE_TRITON = False
+        try:
+            out = loss_fn(h, w, b, labels, valid_vocab_size=vv)
+        finally:
+            loss_mod._USE_TRITON = True
+        return out.loss_sum, out.num_masked, out.num_correct
+
+    return run
+
+
 # ---------------------------------------------------------------- measurement
 def _sync(device):
     if device.type == "cuda":
@@ -206,6 +220,10 @@ def main(argv: list[str] | None = None) -> dict:
         c = 4096 if 4096 in chunk_sizes else chunk_sizes[0]
         loss_fn = MaskedLMLoss(chunk_size=c, backend="torch", accum_dtype=dtype)
         methods.append((f"chunked_c{c}_bf16acc", chunked(loss_fn)))
+    if device.type == "cuda":  # the unfused torch rows (what CUDA without Triton runs), for comparison
+        methods.append(
+            ("chunked_c2048_torchrows", unfused_rows(MaskedLMLoss(chunk_size=2048, backend="torch")))
+        )
     if device.type == "cuda" and liger_available():
         methods.append(("liger", chunked(MaskedLMLoss(backend="liger"))))
 

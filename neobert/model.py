@@ -291,7 +291,7 @@ class NeoBERT(nn.Module):
 class NeoBERTForMLM(nn.Module):
     """Encoder + vocabulary projection + chunked masked-LM loss (`neobert.loss.MaskedLMLoss`)."""
 
-    def __init__(self, cfg: NeoBERTConfig, loss_chunk_size: int = 4096, loss_backend: str = "auto") -> None:
+    def __init__(self, cfg: NeoBERTConfig, loss_chunk_size: int = 2048, loss_backend: str = "auto") -> None:
         super().__init__()
         from neobert.loss import MaskedLMLoss  # imported here so the encoder alone does not need it
 

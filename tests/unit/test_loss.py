@@ -218,7 +218,7 @@ def test_auto_backend_resolves_once_and_pickles():
     import pickle
 
     loss_fn = MaskedLMLoss(chunk_size=8, backend="auto")
-    assert loss_fn.backend == ("liger" if liger_available() else "torch")
+    assert loss_fn.backend == "torch"  # auto = torch: faster than liger on the H100 (docs/benchmarks.md)
     clone = pickle.loads(pickle.dumps(loss_fn))  # it rides inside the model across the Ray boundary
     assert (clone.backend, clone.chunk_size) == (loss_fn.backend, 8)
 
