@@ -48,7 +48,12 @@ def main(argv: list[str] | None = None) -> int:
             address="local", num_cpus=max(4, os.cpu_count() or 1)
         )  # dashboard if installed: Train uses its state API
 
-    result = build_trainer(cfg).fit()
+    try:
+        result = build_trainer(cfg).fit()  # Ray Train V2 raises when the run fails for good
+    except BaseException:
+        print(f"run dir: {cfg.run_dir}\nmetrics: {os.path.join(cfg.run_dir, METRICS_FILE)}", file=sys.stderr)
+        print("training failed; the latest checkpoint (if any) is under the run dir", file=sys.stderr)
+        raise
     print(f"run dir: {cfg.run_dir}")
     print(f"metrics: {os.path.join(cfg.run_dir, METRICS_FILE)}")
     print(f"final checkpoint: {result.checkpoint.path if result.checkpoint else None}")

@@ -106,7 +106,7 @@ class TrainSection:
     seed: int = 0
     compile: bool = False  # torch.compile each encoder block
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto = bf16 autocast on GPU, fp32 on CPU
-    loss_chunk_size: int = 8192  # rows of the chunked MLM cross-entropy
+    loss_chunk_size: int = 2048  # rows of the chunked MLM cross-entropy (bench/loss.py: <= 0.5 GiB extra)
 
     def __post_init__(self) -> None:
         for name in ("num_steps", "tokens_per_micro_batch", "num_micro_batches", "loss_chunk_size"):
@@ -262,15 +262,17 @@ def build_datasets(cfg: PretrainConfig) -> dict[str, Any]:
     from pipelines import preprocess
 
     if cfg.data.packed_dir:
-        root = Path(cfg.data.packed_dir)
-        if not (root / "train").exists():
+        # A string, not a Path: Path("s3://b/k") collapses to "s3:/b/k". Listed through pyarrow filesystems,
+        # so local dirs and s3:// / gs:// / file:// URIs take the same code path.
+        root = cfg.data.packed_dir
+        if not _has_parquet(root, "train"):
             raise ValueError(
-                f"data.packed_dir={root} has no train/ split; run `python jobs/preprocess.py --output {root}` first "
-                "or leave data.packed_dir empty to preprocess on the fly"
+                f"data.packed_dir={root} has no train/*.parquet shards; run `python jobs/preprocess.py --output "
+                f"{root}` first or leave data.packed_dir empty to preprocess on the fly"
             )
-        ds = {"train": preprocess.read_packed(str(root), split="train")}
-        if any((root / "eval").glob("*.parquet")):  # absent when preprocessed with eval_fraction=0
-            ds["eval"] = preprocess.read_packed(str(root), split="eval")
+        ds = {"train": preprocess.read_packed(root, split="train")}
+        if _has_parquet(root, "eval"):  # absent when preprocessed with eval_fraction=0
+            ds["eval"] = preprocess.read_packed(root, split="eval")
     else:
         # pack_tokens follows data.pack_tokens, and segments must fit a pack: max_seq_len <= pack_tokens.
         pre = {"pack_tokens": cfg.data.pack_tokens, **cfg.data.preprocess}
@@ -291,12 +293,37 @@ def build_datasets(cfg: PretrainConfig) -> dict[str, Any]:
     return ds
 
 
+def _has_parquet(root: str, split: str) -> bool:
+    """Whether `root/split` holds a .parquet file (local path or any pyarrow-filesystem URI)."""
+    import pyarrow.fs as pafs
+
+    from pipelines.read import filesystem_for
+
+    fs, path = filesystem_for(root)
+    infos = fs.get_file_info(pafs.FileSelector(f"{path.rstrip('/')}/{split}", allow_not_found=True))
+    return any(i.type == pafs.FileType.File and i.base_name.endswith(".parquet") for i in infos)
+
+
+def check_optional_packages(cfg: PretrainConfig) -> None:
+    """Fail on the driver, before any worker starts, when an enabled logger's package is missing."""
+    import importlib.util
+
+    if cfg.logging.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ValueError("logging.tensorboard=true needs `pip install tensorboard` (or set it to false)")
+    if cfg.logging.mlflow_tracking_uri and importlib.util.find_spec("mlflow") is None:
+        raise ValueError(
+            f"logging.mlflow_tracking_uri={cfg.logging.mlflow_tracking_uri!r} needs `pip install mlflow` "
+            "(or set it to an empty string)"
+        )
+
+
 def build_trainer(cfg: PretrainConfig, datasets: dict[str, Any] | None = None):
     """The `TorchTrainer` for `cfg` (datasets built from `cfg.data` unless given)."""
     from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    check_optional_packages(cfg)
     datasets = datasets if datasets is not None else build_datasets(cfg)
     sc = cfg.scaling
     return TorchTrainer(
@@ -392,8 +419,11 @@ class PretrainRunner:
         self.epoch = 0
         self.batches_in_epoch = 0  # micro-batches of `epoch` consumed by completed steps
         self.resumed = False
-        self.metrics_path = Path(cfg.run_dir) / METRICS_FILE if "://" not in cfg.run_dir else None
-        self.sinks = _MetricSinks(cfg, self.metrics_path) if self.rank == 0 else None
+        # metrics.jsonl / tensorboard/ (rank 0) and data_trace.rank<r>.jsonl, staged locally for a URI run dir.
+        self.files = RunFiles(cfg.run_dir)
+        if cfg.logging.trace_data:
+            self.files.fetch(self.trace_name)
+        self.sinks = _MetricSinks(cfg, self.files) if self.rank == 0 else None
         self._window = _Window()
         self._eval_batches: list | None = None
         if self.rank == 0:
@@ -499,6 +529,12 @@ class PretrainRunner:
                     f"rank {self.rank}: resume position {skip} micro-batches is past the end of epoch {self.epoch} "
                     f"({seen} micro-batches); the dataset or the batch size changed since the checkpoint"
                 )
+            if self.rank == 0 and self.epoch == 0:
+                log.info(
+                    "epoch 0: %d micro-batches of %d rows per worker; each epoch leaves out a tail of < %d rows "
+                    "per worker (drop_last) and up to %d rows trimmed by streaming_split(equal=True)",
+                    seen, cfg.rows_per_micro_batch, cfg.rows_per_micro_batch, self.world - 1,
+                )  # fmt: skip
             self.epoch += 1
             self.batches_in_epoch = 0
 
@@ -535,13 +571,16 @@ class PretrainRunner:
             num_tokens=batch.num_tokens,
         )
 
+    @property
+    def trace_name(self) -> str:
+        return f"data_trace.rank{self.rank}.jsonl"
+
     def trace(self, raw, mbs) -> None:
         """Reproducibility trace (debug/tests; syncs on GPU): per micro-batch a fingerprint of its rows
         (`rows_sha`: the unmasked token stream) and of rows + masks (`sha`)."""
         import hashlib
 
-        path = Path(self.cfg.run_dir) / f"data_trace.rank{self.rank}.jsonl"
-        with path.open("a") as f:
+        with self.files.path(self.trace_name).open("a") as f:
             for i, (b, mb) in enumerate(zip(raw, mbs, strict=True)):
                 rows = b.input_ids.numpy().tobytes()
                 rec = {
@@ -674,6 +713,7 @@ class PretrainRunner:
         report = {"step": self.step, "epoch": self.epoch, **metrics}
         if self.rank != 0:
             ray.train.report(report, checkpoint=None)
+            self.files.sync()
             self._window.t0 += time.perf_counter() - t0
             return
         tmp = tempfile.mkdtemp(prefix="neobert-ckpt-")
@@ -701,6 +741,8 @@ class PretrainRunner:
             ray.train.report(report, checkpoint=Checkpoint.from_directory(tmp))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        self.sinks.flush()
+        self.files.sync()
         self._window.t0 += time.perf_counter() - t0
 
     def report(self, metrics: dict[str, float]) -> None:
@@ -719,7 +761,9 @@ class PretrainRunner:
     def final_report(self) -> None:
         if self.sinks:
             self.sinks.close()
-            log.info("done: %d steps; metrics in %s", self.step, self.metrics_path)
+        self.files.sync()
+        if self.sinks:
+            log.info("done: %d steps; metrics in %s", self.step, os.path.join(self.cfg.run_dir, METRICS_FILE))
 
 
 @dataclass
@@ -745,24 +789,82 @@ class _Window:
         self.lr = lr
 
 
+class RunFiles:
+    """The files one rank writes into the run dir (`metrics.jsonl`, `tensorboard/`, `data_trace.rank<r>.jsonl`).
+
+    A local run dir is written in place. A URI run dir (s3://, gs://, file://, ...) cannot go through `Path`/`open`
+    (`Path("s3://b/k")` is the local dir `s3:/b/k`): the files are written to a local staging dir and copied to
+    the run dir through pyarrow filesystems by `sync()`, which the runner calls at every checkpoint and at the
+    end, so the remote copy lags by at most one checkpoint interval. `fetch()` brings a file back into an empty
+    staging dir (a worker restarted on another node continues the same metrics.jsonl).
+    """
+
+    def __init__(self, run_dir: str, staging_root: str | None = None) -> None:
+        import hashlib
+
+        self.run_dir = run_dir
+        self.remote = "://" in run_dir
+        if self.remote:
+            key = hashlib.sha256(run_dir.encode()).hexdigest()[:12]
+            self.local = Path(staging_root or tempfile.gettempdir()) / f"neobert-run-{key}"
+        else:
+            self.local = Path(run_dir)
+        self.local.mkdir(parents=True, exist_ok=True)
+        self._names: set[str] = set()
+
+    def path(self, name: str) -> Path:
+        """Local path to write `name` (relative to the run dir); `sync()` uploads it."""
+        self._names.add(name)
+        return self.local / name
+
+    def _remote(self, name: str):
+        from pipelines.read import filesystem_for
+
+        fs, root = filesystem_for(self.run_dir)
+        return fs, f"{root.rstrip('/')}/{name}"
+
+    def fetch(self, name: str) -> None:
+        """URI run dir: copy the file `name` from it into staging unless staging already has it."""
+        import pyarrow.fs as pafs
+
+        self._names.add(name)
+        if not self.remote or (self.local / name).exists():
+            return
+        fs, src = self._remote(name)
+        if fs.get_file_info(src).type == pafs.FileType.File:
+            pafs.copy_files(src, str(self.local / name), source_filesystem=fs,
+                            destination_filesystem=pafs.LocalFileSystem())  # fmt: skip
+
+    def sync(self) -> None:
+        """URI run dir: upload every file/dir handed out by `path()` that exists (no-op for a local run dir)."""
+        import pyarrow.fs as pafs
+
+        if not self.remote:
+            return
+        for name in sorted(self._names):
+            src = self.local / name
+            if not src.exists():
+                continue
+            fs, dst = self._remote(name)
+            fs.create_dir(dst if src.is_dir() else dst.rsplit("/", 1)[0], recursive=True)
+            pafs.copy_files(
+                str(src), dst, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs
+            )
+
+
 class _MetricSinks:
     """Rank 0's outputs: `metrics.jsonl` in the run dir (+ optional TensorBoard / MLflow)."""
 
-    def __init__(self, cfg: PretrainConfig, path: Path | None) -> None:
-        self.path = path
+    def __init__(self, cfg: PretrainConfig, files: RunFiles) -> None:
+        files.fetch(METRICS_FILE)
+        self.path = files.path(METRICS_FILE)
         self.tb = self.mlflow = None
-        if path is None:
-            log.warning(
-                "storage_path %s is not local: metrics.jsonl is not written", cfg.checkpoint.storage_path
-            )
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
         if cfg.logging.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 raise ValueError("logging.tensorboard=true needs `pip install tensorboard`") from None
-            self.tb = SummaryWriter(str(Path(cfg.run_dir) / "tensorboard"))
+            self.tb = SummaryWriter(str(files.path("tensorboard")))
         if cfg.logging.mlflow_tracking_uri:
             try:
                 import mlflow
@@ -778,7 +880,7 @@ class _MetricSinks:
 
     def truncate_after(self, step: int) -> None:
         """Drop records of steps > `step` (a resumed attempt re-runs them)."""
-        if self.path is None or not self.path.exists():
+        if not self.path.exists():
             return
         lines = [
             ln for ln in self.path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step
@@ -786,14 +888,17 @@ class _MetricSinks:
         self.path.write_text("".join(ln + "\n" for ln in lines))
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
-        if self.path is not None:
-            with self.path.open("a") as f:
-                f.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
         if self.tb is not None:
             for k, v in metrics.items():
                 self.tb.add_scalar(k, v, step)
         if self.mlflow is not None:
             self.mlflow.log_metrics({k.replace("/", "_"): v for k, v in metrics.items()}, step=step)
+
+    def flush(self) -> None:
+        if self.tb is not None:
+            self.tb.flush()
 
     def close(self) -> None:
         if self.tb is not None:

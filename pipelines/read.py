@@ -424,8 +424,10 @@ def _columnar_rows(fs, path, f: InputFile, opts: ReadOptions, ch: _Chunker) -> I
         what = f"{f.uri} has no text column {col!r}; its columns are {names}"
         if opts.on_bad_row == "error":
             raise BadInputError(f"{what}; pass --text-column with one of them")
-        ch.rows += num_rows or 0
-        ch.bad["missing_text_column"] += num_rows or 1
+        if num_rows is None:  # Arrow IPC stream: no footer row count; count the batches (no text decoding)
+            num_rows = sum(b.num_rows for b in reader)
+        ch.rows += num_rows
+        ch.bad["missing_text_column"] += num_rows
         ch.examples.append({"file": f.uri, "row": None, "reason": "missing_text_column", "detail": what})
         return
     cols = [col] + ([idc] if idc and idc in names and idc != col else [])

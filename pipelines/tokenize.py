@@ -2,7 +2,8 @@
 
 * `split_documents` (pure numpy): a document of n content tokens becomes ceil(n / (max_seq_len - 2)) consecutive
   segments; a segment shorter than `min_seq_len` (incl. the two specials) is dropped and counted, as
-  `short_tail` (the last piece of a longer document) or `short_document` (a document that is short on its own).
+  `short_tail` (the last piece of a longer document) or `short_document` (a document that is short on its own,
+  including one that tokenizes to no token at all).
 * `DocumentTokenizer`: the batched fast tokenizer (`encode_batch_fast`, no offsets) -> flat int32 ids.
 * `TokenizeFiles`: the stateful callable class that Ray Data runs in an actor pool
   (`map_batches(TokenizeFiles, batch_size=1, compute=ActorPoolStrategy(...))`). Each input row names one input
@@ -18,7 +19,9 @@ import itertools
 import json
 import logging
 import os
+import re
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -93,6 +96,12 @@ def split_documents(
     seg_body = np.minimum(body, doc_lengths[seg_doc] - seg_k * body)  # (S0,) content tokens
     short = seg_body + 2 < min_seq_len
     drop_doc, drop_tokens, drop_tail = seg_doc[short], seg_body[short], nseg[seg_doc[short]] > 1
+    # A document that tokenizes to nothing (e.g. only zero-width or control characters) has no segment at all:
+    # count it as a dropped short_document too, so that it never disappears unreported.
+    empty = np.flatnonzero(doc_lengths == 0)
+    drop_doc = np.concatenate([drop_doc, empty])
+    drop_tokens = np.concatenate([drop_tokens, np.zeros(len(empty), dtype=drop_tokens.dtype)])
+    drop_tail = np.concatenate([drop_tail, np.zeros(len(empty), dtype=bool)])
     keep = ~short
     seg_doc, seg_src, seg_body = seg_doc[keep], seg_src[keep], seg_body[keep]
     seg_len = seg_body + 2  # (S,)
@@ -123,6 +132,43 @@ class DocumentTokenizer:
         lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
         flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(lengths.sum()))
         return flat, lengths
+
+
+_EMBEDDED_ROOT = re.compile(r"embedded-[0-9a-f]{12}")  # pipelines.embedded: <cache_dir>/embedded-<key>/...
+
+
+def embedded_cache_dir_to_build(uri: str) -> Path | None:
+    """The embedded-data cache dir to materialize so that `uri` exists on this node, or None (nothing to do).
+
+    The driver resolves the embedded corpus to local paths under `<cache_dir>/embedded-<key>/`; on a multi-node
+    cluster another node's read actor finds them missing. Non-None only for a *missing local* path inside such
+    a directory; one `exists()` call otherwise, so it is cheap when the file is present.
+    """
+    if "://" in uri or os.path.exists(uri):
+        return None
+    p = Path(uri)
+    for parent in p.parents:
+        if _EMBEDDED_ROOT.fullmatch(parent.name):
+            return parent.parent
+    return None
+
+
+def ensure_input_on_node(uri: str) -> None:
+    """Materialize the embedded corpus on this node when `uri` is one of its files and is missing here."""
+    cache_dir = embedded_cache_dir_to_build(uri)
+    if cache_dir is None:
+        return
+    from pipelines.embedded import materialize
+
+    log.info("embedded corpus missing on this node (%s): materializing it under %s", uri, cache_dir)
+    data = materialize(cache_dir)
+    if not os.path.exists(uri):
+        raise ValueError(
+            f"input {uri} (embedded corpus) is missing on node {os.uname().nodename} and materializing it there "
+            f"built {data.root} instead: the embedded data's source packages differ between the driver and this "
+            "node; install the same package versions on every node, or preprocess to shared storage "
+            "(jobs/preprocess.py --output s3://...) and pass that"
+        )
 
 
 def _list(values: np.ndarray, typ: pa.DataType) -> pa.Array:
@@ -161,6 +207,9 @@ class TokenizeFiles:
             f = InputFile(
                 uri=str(u["uri"]), format=str(u["format"]), name=str(u["name"]), size=int(u["size"])
             )
+            ensure_input_on_node(
+                f.uri
+            )  # multi-node: the driver materialized the embedded corpus only on its node
             for k, (chunk, last) in enumerate(_with_last(iter_document_chunks(f, self.opts))):
                 yield self.tokenize_chunk(chunk, unit=int(u["unit"]), index=k, last=last)
 

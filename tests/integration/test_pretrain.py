@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[2]
 PACK = 128
 
 
-def overrides(storage: Path, name: str, **extra) -> list[str]:
+def overrides(storage: Path | str, name: str, **extra) -> list[str]:
     base = {
         "data.pack_tokens": PACK,
         "data.num_train_rows": 40,
@@ -89,27 +89,44 @@ def run_a(ray_cluster, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def packed_dir(ray_session, tmp_path_factory):
-    """The same corpus preprocessed once to Parquet (jobs/preprocess.py's library call), so the in-process fits
-    skip tokenization; its rows must come out in the same order as the on-the-fly pipeline's."""
-    from pipelines.preprocess import PreprocessConfig, run_preprocess
-
+def packed_dir(ray_cluster, run_a, tmp_path_factory):
+    """The same corpus preprocessed once to Parquet, as a real `ray job submit -- python jobs/preprocess.py` on the
+    embedded default corpus, so the in-process fits skip tokenization; its rows must come out in the same order
+    as the on-the-fly pipeline's."""
     out = tmp_path_factory.mktemp("packed")
-    run_preprocess(PreprocessConfig(output=str(out), pack_tokens=PACK, max_seq_len=PACK))
+    ray_bin = Path(sys.executable).with_name("ray")
+    cmd = [
+        str(ray_bin), "job", "submit", "--address", ray_cluster.dashboard_url, "--working-dir", str(REPO),
+        "--", sys.executable, "jobs/preprocess.py", "--output", str(out), "--pack-tokens", str(PACK),
+        "--max-seq-len", str(PACK),
+    ]  # fmt: skip
+    env = dict(os.environ, RAY_DATA_DISABLE_PROGRESS_BARS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert f"report: {out}/report.html" in proc.stdout + proc.stderr
+    assert json.loads((out / "report.json").read_text())["splits"]["train"]["packs"] > 40
     return out
 
 
 @pytest.fixture(scope="module")
 def run_b(ray_session, run_a, packed_dir, tmp_path_factory):
-    """In-process fits: 6 steps with a crash injected at step 5, then a re-fit of the same name to 10 steps."""
+    """In-process fits: 6 steps with a crash injected at step 5, then a re-fit of the same name to 10 steps.
+
+    Storage and packed data are given as file:// URIs: the code path of s3:// / gs:// (pyarrow filesystems;
+    metrics.jsonl and data traces staged locally and uploaded at checkpoints and at the end)."""
     storage = tmp_path_factory.mktemp("runs")
-    common = {"data.packed_dir": packed_dir, "logging.num_eval_batches": 0, "checkpoint.every_steps": 3}
+    common = {
+        "data.packed_dir": f"file://{packed_dir}",
+        "logging.num_eval_batches": 0,
+        "checkpoint.every_steps": 3,
+    }
     cfg, crashed = fit(
-        overrides(storage, "b", **common, **{"train.num_steps": 6, "failure.inject_failure_at_step": 5,
-                                             "failure.max_failures": 1})
+        overrides(f"file://{storage}", "b", **common, **{"train.num_steps": 6, "failure.inject_failure_at_step": 5,
+                                                         "failure.max_failures": 1})
     )  # fmt: skip
     crashed_state = train_state(crashed.checkpoint)  # read now: the re-fit's checkpoints rotate it out
-    run_dir = Path(cfg.run_dir)
+    assert cfg.run_dir == f"file://{storage}/b"
+    run_dir = storage / "b"
     after_crash = {r: len(trace(run_dir, r)) for r in (0, 1)}
     _, resumed = fit(overrides(storage, "b", **common))
     return run_dir, crashed, crashed_state, resumed, after_crash

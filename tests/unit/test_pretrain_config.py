@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 from pathlib import Path
 
@@ -69,3 +70,74 @@ def test_missing_packed_dir_names_the_fix(tmp_path):
     cfg = load_pretrain_config(None, ["--data.packed_dir", str(tmp_path / "nope")])
     with pytest.raises(ValueError, match="jobs/preprocess.py"):
         build_datasets(cfg)
+
+
+@pytest.mark.parametrize("as_uri", [True, False])
+def test_packed_dir_checked_through_pyarrow_filesystem(tmp_path, monkeypatch, as_uri):
+    """A URI packed_dir (file:// here; s3:// / gs:// take the same pyarrow path) reaches read_packed unchanged."""
+    from pipelines import preprocess
+    from pipelines.pretrain import build_datasets
+
+    calls = []
+    monkeypatch.setattr(preprocess, "read_packed", lambda path, split: calls.append((path, split)) or split)
+    root = tmp_path / "packed"
+    packed_dir = f"file://{root}" if as_uri else str(root)
+    cfg = load_pretrain_config(None, ["--data.packed_dir", packed_dir, "--data.num_eval_rows", "0"])
+    (root / "train").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"no train/\*\.parquet.*jobs/preprocess.py"):
+        build_datasets(cfg)  # an empty train/ dir is as bad as none
+    (root / "train" / "part-00000.parquet").write_bytes(b"")
+    (root / "eval").mkdir()
+    assert build_datasets(cfg) == {"train": "train"}  # no eval shards: no eval dataset
+    (root / "eval" / "part-00000.parquet").write_bytes(b"")
+    assert build_datasets(cfg) == {"train": "train", "eval": "eval"}
+    assert calls[-2:] == [(packed_dir, "train"), (packed_dir, "eval")]
+
+
+def test_run_files_for_uri_run_dir_are_staged_and_uploaded(tmp_path, monkeypatch):
+    """A URI run dir (file:// here; s3:// and gs:// take the same pyarrow path) never becomes a local `s3:/...`
+    dir: files are staged locally, uploaded by sync(), and fetched back into a fresh staging dir on resume."""
+    from pipelines.pretrain import METRICS_FILE, RunFiles, _MetricSinks
+
+    monkeypatch.chdir(tmp_path)
+    run_dir = f"file://{tmp_path}/storage/run"
+    argv = ["--checkpoint.storage_path", f"file://{tmp_path}/storage", "--checkpoint.name", "run"]
+    cfg = load_pretrain_config(None, argv)
+    assert cfg.run_dir == run_dir
+    files = RunFiles(run_dir, staging_root=str(tmp_path / "stage_a"))
+    sinks = _MetricSinks(cfg, files)
+    sinks.write(5, {"train/loss": 3.0})
+    files.path("tensorboard").mkdir()
+    (files.path("tensorboard") / "events.out").write_text("ev")
+    files.path("data_trace.rank1.jsonl").write_text('{"step": 1}\n')
+    assert not (tmp_path / "storage").exists()  # nothing uploaded before sync
+    files.sync()
+    sinks.close()
+    remote = tmp_path / "storage" / "run"
+    assert json.loads((remote / METRICS_FILE).read_text())["train/loss"] == 3.0
+    assert (remote / "tensorboard" / "events.out").read_text() == "ev"
+    assert (remote / "data_trace.rank1.jsonl").exists()
+    assert not (tmp_path / "file:").exists() and not any(tmp_path.glob("**/file:*"))
+    # Resume on another node: the staging dir is empty, metrics.jsonl comes back from the run dir.
+    files_b = RunFiles(run_dir, staging_root=str(tmp_path / "stage_b"))
+    sinks_b = _MetricSinks(cfg, files_b)
+    sinks_b.write(10, {"train/loss": 2.0})
+    files_b.sync()
+    steps = [json.loads(ln)["step"] for ln in (remote / METRICS_FILE).read_text().splitlines()]
+    assert steps == [5, 10]
+    # A local run dir is written in place.
+    local = RunFiles(str(tmp_path / "local_run"))
+    assert local.path(METRICS_FILE) == tmp_path / "local_run" / METRICS_FILE
+
+
+def test_missing_logger_package_fails_up_front(monkeypatch):
+    import importlib.util
+
+    from pipelines.pretrain import check_optional_packages
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ValueError, match="pip install tensorboard"):
+        check_optional_packages(load_pretrain_config(None, ["--logging.tensorboard", "true"]))
+    with pytest.raises(ValueError, match="pip install mlflow"):
+        check_optional_packages(load_pretrain_config(None, ["--logging.mlflow_tracking_uri", "/tmp/mlruns"]))
+    check_optional_packages(load_pretrain_config(None, []))  # nothing enabled: nothing needed

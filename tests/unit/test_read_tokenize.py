@@ -19,7 +19,14 @@ from neobert.config_io import from_dict, to_dict, to_yaml
 from neobert.schema import validate_packed_table
 from pipelines.preprocess import PackChunks, PreprocessConfig
 from pipelines.read import BadInputError, ReadOptions, is_eval_document, iter_document_chunks, resolve_inputs
-from pipelines.tokenize import SPLITS, DocumentTokenizer, TokenizeFiles, split_documents
+from pipelines.tokenize import (
+    SPLITS,
+    DocumentTokenizer,
+    TokenizeFiles,
+    embedded_cache_dir_to_build,
+    ensure_input_on_node,
+    split_documents,
+)
 from pipelines.tokenizer import CLS_ID, SEP_ID, load_tokenizer
 
 DOCS = [
@@ -65,6 +72,8 @@ def test_parquet_and_hf_save_to_disk(tmp_path):
     assert [f.format for f in files] == ["hf_arrow"]
     _, ids, texts = _read(tmp_path / "hf")
     assert texts == [d["text"] for d in DOCS] and ids[0].startswith("hf/data-") and ids[0].endswith(":0")
+    chunks, ids, _ = _read(tmp_path / "hf", text_column="body", on_bad_row="skip")  # every row counted
+    assert ids == [] and chunks[0].num_rows == chunks[0].bad_counts["missing_text_column"] == len(DOCS)
 
 
 @pytest.mark.parametrize(
@@ -160,6 +169,8 @@ def _naive_split(docs: list[list[int]], max_len: int, min_len: int):
     segs, dropped = [], {"short_document": 0, "short_tail": 0}
     for d in docs:
         pieces = [d[i : i + max_len - 2] for i in range(0, len(d), max_len - 2)]
+        if not pieces:  # tokenized to nothing: dropped and counted, never silently lost
+            dropped["short_document"] += 1
         for p in pieces:
             if len(p) + 2 < min_len:
                 dropped["short_tail" if len(pieces) > 1 else "short_document"] += 1
@@ -329,3 +340,42 @@ def test_tokenizer_path_option(tmp_path):
     assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
     with pytest.raises(FileNotFoundError, match="does not exist"):
         DocumentTokenizer(str(tmp_path / "missing.json"))
+
+
+def test_embedded_corpus_rebuilt_on_a_node_that_lacks_it(tmp_path):
+    """Multi-node: the driver materialized the embedded corpus on its node only; a read actor elsewhere rebuilds
+    it (same key -> same path) when, and only when, an input under <cache>/embedded-<key>/ is missing."""
+    from pipelines.embedded import materialize
+
+    present = _jsonl(tmp_path / "x.jsonl", DOCS)
+    assert embedded_cache_dir_to_build(str(present)) is None  # present: nothing to do
+    assert (
+        embedded_cache_dir_to_build(str(tmp_path / "missing.jsonl")) is None
+    )  # not embedded: reader reports
+    assert embedded_cache_dir_to_build("s3://bucket/embedded-0123456789ab/mlm/wikipedia.jsonl") is None
+    cache = tmp_path / "node_cache"
+    missing = cache / "embedded-0123456789ab" / "mlm" / "wikipedia.jsonl"
+    assert embedded_cache_dir_to_build(str(missing)) == cache
+    assert embedded_cache_dir_to_build(str(cache / "embedded-xyz" / "mlm" / "w.jsonl")) is None
+
+    data = materialize(cache)
+    target = str(data.mlm_files[0])
+    import shutil
+
+    shutil.rmtree(cache)  # what another node sees
+    assert embedded_cache_dir_to_build(target) == cache
+    ensure_input_on_node(target)
+    assert Path(target).exists() and embedded_cache_dir_to_build(target) is None
+    # A different key (different package versions on this node) is a clear error, not a silent skip.
+    with pytest.raises(ValueError, match="source packages differ.*same package versions"):
+        ensure_input_on_node(str(cache / "embedded-0123456789ab" / "mlm" / "wikipedia.jsonl"))
+
+
+def test_document_without_tokens_is_counted_as_dropped():
+    """Zero-width / control characters pass the reader's empty check but tokenize to nothing: counted, not lost."""
+    tok = DocumentTokenizer()
+    flat, lens = tok.encode(["\u200b\ufeff", "a real sentence with enough tokens to be kept"])
+    assert lens[0] == 0
+    out = split_documents(flat, lens, max_seq_len=32, min_seq_len=3)
+    assert out.dropped()["short_document"] == {"segments": 1, "tokens": 0}
+    assert out.dropped(np.array([False, True]))["short_document"]["segments"] == 0
