@@ -65,8 +65,23 @@ def write_demo_checkpoint(path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 ok, 2 bad arguments / checkpoint / output dir, 3 the parity check failed (the export dir is
+    left in place for inspection). The reason goes to stderr."""
+    from neobert.export import ParityError
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    cfg = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return run(sys.argv[1:] if argv is None else argv)
+    except ParityError as e:
+        print(f"export_hf: error: {e}", file=sys.stderr)
+        return 3
+    except (ValueError, OSError) as e:  # OSError: FileNotFoundError of a missing checkpoint / tokenizer
+        print(f"export_hf: error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(argv: list[str]) -> int:
+    cfg = parse_args(argv)
     if not cfg.tokenizer:
         from pipelines.tokenizer import default_tokenizer_dir
 

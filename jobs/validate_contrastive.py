@@ -6,8 +6,9 @@
   python jobs/validate_contrastive.py --sources-yaml configs/contrastive_sources.yaml
   ray job submit --working-dir . -- python jobs/validate_contrastive.py --output /shared/contrastive
 
-Exit codes: 0 ok; 2 bad arguments / a source cannot be read; 3 a source exceeds --max-reject-fraction (all
-outputs are still written, the marker says passed=false); 1 an unexpected failure. The reason goes to stderr.
+Exit codes: 0 ok; 2 bad arguments / a source cannot be read; 3 a source exceeds --max-reject-fraction or yields
+no rows (all outputs are still written, the marker says passed=false); 1 an unexpected failure. The reason goes
+to stderr.
 See docs/contrastive_data.md.
 """
 

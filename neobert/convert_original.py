@@ -215,7 +215,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("src", help="dir with the original config.json and model.safetensors / pytorch_model.bin")
     p.add_argument("outdir", help="model dir to write (loadable with neobert.checkpoint.load_mlm)")
     args = p.parse_args(argv)
-    convert_original(args.src, args.outdir)
+    try:
+        convert_original(args.src, args.outdir)
+    except (ValueError, OSError) as e:  # not the original layout / missing files: the message names the fix
+        print(f"convert_original: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

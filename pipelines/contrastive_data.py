@@ -1203,6 +1203,23 @@ def _run_local(cfg: ValidateContrastiveConfig, resolved: list[ResolvedSource], o
     return [finalizer(t)["stats"][0].as_py() for t in staged], expected
 
 
+def _check_written_rows(out: Path, totals: dict) -> None:
+    """The part files on disk must hold exactly the rows the statistics counted. They would not when OUTPUT is a
+    node-local path on a multi-node cluster (finalizer actors on other nodes write to their own disks): fail
+    loudly instead of handing on a silently partial valid/ set."""
+
+    def rows(d: Path) -> int:
+        return sum(pq.ParquetFile(f).metadata.num_rows for f in d.glob("*.parquet"))
+
+    on_disk = {"valid": rows(out / "valid"), "rejected": rows(out / "quarantine")}
+    if on_disk != {"valid": totals["valid"], "rejected": totals["rejected"]}:
+        raise RuntimeError(
+            f"{out}: valid/ and quarantine/ hold {on_disk['valid']} and {on_disk['rejected']} rows, but "
+            f"{totals['valid']} valid and {totals['rejected']} rejected rows were counted; on a multi-node cluster "
+            "--output must be storage every node can reach (NFS), see docs/contrastive_data.md"
+        )
+
+
 def validate_contrastive(
     cfg: ValidateContrastiveConfig, *, engine: Literal["ray", "local"] | None = None
 ) -> dict:
@@ -1238,16 +1255,24 @@ def validate_contrastive(
         config=cfg,
         num_examples=cfg.num_examples_per_reason,
     )
+    _check_written_rows(out, report["totals"])
     failing = {
         name: s for name, s in report["sources"].items() if s["reject_fraction"] > cfg.max_reject_fraction
     }
-    report["passed"] = not failing
+    # a source that yields no rows at all (empty file, only blank lines, a qrels glob matching empty files) is a
+    # broken input, not a clean one: it must not pass with reject_fraction 0
+    empty = [name for name, s in report["sources"].items() if s["rows_read"] == 0]
+    report["passed"] = not failing and not empty
     report["failures"] = [
         f"source {name!r}: {s['rejected']}/{s['rows_read']} rows rejected "
         f"({s['reject_fraction']:.1%} > max_reject_fraction={cfg.max_reject_fraction:.1%}); top reasons "
         f"{dict(Counter(s['reasons']).most_common(3))}; inspect {out / 'quarantine'} and fix the source, "
         "its column remaps, or raise --max-reject-fraction"
         for name, s in failing.items()
+    ] + [
+        f"source {name!r}: no rows read from {report['sources'][name]['path']} (empty or blank files only); "
+        "fix its path or remove the source"
+        for name in empty
     ]
     rep.write_report(report, out)
     (out / MARKER_NAME).write_text(
@@ -1262,7 +1287,7 @@ def validate_contrastive(
             indent=2,
         )
     )
-    if failing:
+    if not report["passed"]:
         raise RejectThresholdExceeded("; ".join(report["failures"]))
     return report
 

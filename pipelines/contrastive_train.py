@@ -69,6 +69,11 @@ class ContrastiveDataConfig:
     tokenizer: str = ""  # tokenizer.json or dir; "" = the default bert-base-uncased vocabulary
 
     def __post_init__(self):
+        # Relative local paths are resolved on the driver: Ray Train workers run in another directory.
+        for name in ("input_dir", "tokenizer"):
+            value = getattr(self, name)
+            if value and "://" not in value:
+                setattr(self, name, str(Path(value).expanduser().resolve()))
         if not 0.0 < self.eval_fraction < 1.0:
             raise ValueError(f"data.eval_fraction must be in (0, 1), got {self.eval_fraction}")
         if self.num_eval_rows < 0:
@@ -731,9 +736,13 @@ class ContrastiveRunner:
                 upcoming = prefetch.submit(self.make_batch, self.step + 1)
             metrics = self.train_step(batch, t0, t_data)
             self.step += 1
+            is_ckpt = bool(cfg.checkpoint_every) and self.step % cfg.checkpoint_every == 0
+            is_ckpt = is_ckpt and self.step < cfg.max_steps
             if self.step % cfg.log_every == 0 or self.step == cfg.max_steps or self.step == 1:
                 self.log_metrics({"step": self.step, **metrics})
-            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.max_steps:
+                if not is_ckpt:  # as in pretraining: Ray Train (dashboard, callbacks) sees every logged step
+                    self.report({"step": self.step, **metrics}, checkpoint=False)
+            if is_ckpt:
                 self.report({"step": self.step, **metrics}, checkpoint=True)
         after = self.evaluate()
         final: dict[str, Any] = {"step": self.step}

@@ -539,6 +539,11 @@ def test_job_exit_codes_and_stderr(tmp_path, capsys):
     (tmp_path / "bad.parquet").write_bytes(b"PAR1 nope")
     assert main([*args, "--source", f"bad={tmp_path / 'bad.parquet'}"]) == 2
     assert "not a readable parquet file" in capsys.readouterr().err
+    (tmp_path / "empty.jsonl").write_bytes(
+        b"\n\n"
+    )  # only blank lines: readable, but no rows -> must not pass
+    assert main([*args, "--source", f"empty={tmp_path / 'empty.jsonl'}", "--max-reject-fraction", "1"]) == 3
+    assert "source 'empty': no rows read" in capsys.readouterr().err
 
 
 def test_every_line_lands_in_exactly_one_place(tmp_path):
@@ -570,6 +575,11 @@ def test_every_line_lands_in_exactly_one_place(tmp_path):
             output=str(d / "out"),
             max_reject_fraction=1.0,
         )
+        records = [i + 1 for i, ln in enumerate(lines) if ln.strip()]
+        if not records:  # only blank lines: no rows is a failed source, never a clean pass
+            with pytest.raises(RejectThresholdExceeded, match="no rows read"):
+                validate_contrastive(cfg, engine="local")
+            return
         report = validate_contrastive(cfg, engine="local")
         valid = pq.read_table(d / "out" / "valid").num_rows if any((d / "out" / "valid").iterdir()) else 0
         quar = (
@@ -577,10 +587,25 @@ def test_every_line_lands_in_exactly_one_place(tmp_path):
             if any((d / "out" / "quarantine").iterdir())
             else []
         )
-        records = [i + 1 for i, ln in enumerate(lines) if ln.strip()]
         s = report["sources"]["x"]
         assert s["rows_read"] == len(records) == valid + len(quar)
         assert s["blank_lines_skipped"] == len(lines) - len(records)
         assert {q["row"] for q in quar} <= set(records) and len({q["row"] for q in quar}) == len(quar)
 
     check()
+
+
+def test_rows_missing_from_disk_fail_loudly(tmp_path):
+    """valid/ + quarantine/ must hold exactly the counted rows (a node-local OUTPUT on a multi-node cluster would
+    not): the run fails instead of handing on a partial valid set."""
+    from pipelines.contrastive_data import VALID_SCHEMA, _check_written_rows
+
+    (tmp_path / "valid").mkdir()
+    (tmp_path / "quarantine").mkdir()
+    row = {"query": "q", "positive": "p", "negatives": [], "source": "s"}
+    pq.write_table(
+        pa.Table.from_pylist([row, row], schema=VALID_SCHEMA), tmp_path / "valid" / "part-0.parquet"
+    )
+    _check_written_rows(tmp_path, {"valid": 2, "rejected": 0})
+    with pytest.raises(RuntimeError, match="every node can reach"):
+        _check_written_rows(tmp_path, {"valid": 3, "rejected": 0})

@@ -185,7 +185,7 @@ def test_sequence_classification_head_loads_and_trains(mlm_export):
     assert torch.equal(clf.model.embeddings.weight, saved["model.embeddings.weight"])
 
 
-def test_tied_embeddings_export_and_job_cli(tmp_path):
+def test_tied_embeddings_export_and_job_cli(tmp_path, capsys):
     """A tied-embedding model through the job entrypoint (positional args + dotted overrides)."""
     import importlib.util
 
@@ -204,8 +204,11 @@ def test_tied_embeddings_export_and_job_cli(tmp_path):
     mlm = AutoModelForMaskedLM.from_pretrained(tmp_path / "hf", trust_remote_code=True, local_files_only=True)
     assert mlm.config.tie_word_embeddings
     assert mlm.decoder.weight.data_ptr() == mlm.model.embeddings.weight.data_ptr()
-    with pytest.raises(ValueError, match="not empty"):
-        job.main([str(tmp_path / "tied"), str(tmp_path / "hf")])
+    capsys.readouterr()
+    assert job.main([str(tmp_path / "tied"), str(tmp_path / "hf")]) == 2  # bad input: a message, no traceback
+    assert "not empty" in capsys.readouterr().err
+    assert job.main([str(tmp_path / "missing"), str(tmp_path / "hf2")]) == 2
+    assert "is not a NeoBERT model dir" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("pooling", ["mean", "cls"])
