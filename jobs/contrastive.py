@@ -63,7 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     if address:
         ray.init(address=address)  # `ray job submit` / an existing cluster: no resource arguments allowed
     else:  # >= 4 logical CPUs so Train workers and Ray Data tasks fit together on a small box
-        ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1))  # dashboard on: Train polls its state API
+        ray.init(
+            address="local", num_cpus=max(4, os.cpu_count() or 1)
+        )  # dashboard on: Train polls its state API
     try:
         if not cfg.data.input_dir:  # the embedded sources, validated on first use
             cfg.data.input_dir = str(ct.ensure_validated("").resolve())

@@ -1,6 +1,6 @@
 """NeoBERT: a variable-length (packed) BERT-style encoder in pure PyTorch. No Ray import anywhere here.
 
-    from neobert import NeoBERTConfig, NeoBERT, NeoBERTForMLM, PackedMeta
+from neobert import NeoBERTConfig, NeoBERT, NeoBERTForMLM, PackedMeta
 """
 
 from __future__ import annotations
