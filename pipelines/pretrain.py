@@ -11,13 +11,16 @@ deterministic: the splitter hands each bundle to the output with the fewest rows
 and worker count every worker sees the same rows in every run, and every worker gets the same number of rows
 per epoch (equal=True), hence the same number of micro-batches (drop_last=True) -- the workers stay in
 lockstep. Each worker shuffles locally with a buffer seeded by (seed, epoch, rank), so the order is
-reproducible and each epoch reshuffles. "eval" is not split: rank r evaluates micro-batches r, r+W, ...
+reproducible and each epoch reshuffles. A daemon thread per worker (`EpochPrefetcher`) reads the shard epoch
+after epoch into a bounded queue, so the next epoch's (slow) start overlaps the current epoch's last steps
+instead of stalling the loop at every epoch end. "eval" is not split: rank r evaluates micro-batches r, r+W, ...
 of the (unshuffled) eval set, and the sums are all-reduced.
 
 Resume: Ray restarts a dataset shard from its beginning, so the checkpoint stores the data position (epoch,
-micro-batches consumed in that epoch); a resumed worker re-creates the epoch's iterator with the same shuffle
-seed and skips the consumed micro-batches, continuing at the next unseen row. Masking is keyed by
-(seed, step, rank, micro-batch), so a resumed run also masks identically.
+micro-batches consumed in that epoch, counted from what the loop dequeued, not from what the thread read
+ahead); a resumed worker re-creates the epoch's iterator with the same shuffle seed and skips the consumed
+micro-batches, continuing at the next unseen row. Masking is keyed by (seed, step, rank, micro-batch), so a
+resumed run also masks identically.
 
 A checkpoint directory holds `model/` (`neobert.checkpoint.save_model_dir`) and `train_state.pt` (optimizer,
 scheduler, step, data position, RNG states, config).
@@ -30,14 +33,17 @@ import itertools
 import json
 import logging
 import os
+import queue
 import random
 import shutil
 import tempfile
+import threading
 import time
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -75,7 +81,8 @@ class DataSection:
     )  # PreprocessConfig fields for the on-the-fly build
     pack_tokens: int = 512  # max tokens of one packed row (must match the data; checked by the collate)
     shuffle_buffer_rows: int = 64  # local shuffle buffer per worker (rows); 0 = no shuffle
-    prefetch_batches: int = 4  # micro-batches collated ahead in Ray's prefetch threads
+    prefetch_batches: int = 4  # micro-batches collated ahead in Ray's prefetch threads (within an epoch)
+    read_ahead_batches: int = 16  # collated micro-batches a reader thread keeps queued, across epoch ends
     num_train_rows: int = 0  # cap on the train set, i.e. the epoch length (0 = all of it)
     num_eval_rows: int = 0  # cap on the eval set (0 = all of it)
 
@@ -85,6 +92,11 @@ class DataSection:
         for name in ("shuffle_buffer_rows", "prefetch_batches", "num_train_rows", "num_eval_rows"):
             if getattr(self, name) < 0:
                 raise ValueError(f"data.{name} must be >= 0, got {getattr(self, name)}")
+        if self.read_ahead_batches < 1:
+            raise ValueError(
+                f"data.read_ahead_batches must be >= 1, got {self.read_ahead_batches}; it is how many micro-batches "
+                "are queued ahead of the steps, which hides an epoch's start-up that takes fewer steps than that"
+            )
 
 
 @dataclass
@@ -361,6 +373,149 @@ def shuffle_seed(seed: int, epoch: int, rank: int) -> int:
     return (seed * 1_000_003 + epoch * 7919 + rank * 104_729) % (2**31 - 1)
 
 
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class EpochEnd:
+    """Stream marker: epoch `epoch` was read to its end and held `num_batches` batches (skipped ones included)."""
+
+    epoch: int
+    num_batches: int
+
+
+@dataclass(frozen=True)
+class _ProducerError:
+    exc: BaseException
+
+
+_PRODUCER_DONE = object()
+
+
+class EpochPrefetcher(Generic[T]):
+    """Reads a dataset shard epoch after epoch in a daemon thread, into a bounded queue, across epoch ends.
+
+    Why: opening an epoch's iterator restarts the shard's streaming execution (for `streaming_split`, after a
+    barrier that polls every 0.1 s until all workers arrive) and refills the local shuffle buffer; Ray's
+    prefetching only starts with the new iterator, so the first batch of every epoch used to stall the training
+    loop (H100, base preset: `data/wait_fraction` 0.1% inside epochs, 6.5-7.9% in windows with an epoch end).
+    Here the thread opens epoch e+1 as soon as it has read epoch e's last batch, while the training loop still
+    has up to `queue_size` batches of epoch e queued.
+
+    Items, in order: `(epoch, index, batch)` per batch (`index` counts from 0 within the epoch; the first `skip`
+    batches of `start_epoch` are read and dropped, for a resume), and `EpochEnd(epoch, num_batches)` after an
+    epoch's last batch. `open_epoch(e)` must return epoch e's iterable (each worker's own seeded shuffle).
+    The stream ends
+    - after `max_batches` batches (None = endless), without opening another epoch: an epoch nobody reads would
+      leave the other workers' `streaming_split` barrier waiting, and its iterator would hold resources;
+    - after an epoch that held no batch, or fewer than `skip` (its `EpochEnd` still comes, so the consumer can
+      say why).
+    An exception in the thread is re-raised by the consumer's `next()`, the same object with the thread's
+    traceback. `close()` (also on `with` exit) stops the thread and closes the open epoch's iterator; the thread
+    is a daemon, so one blocked inside the shard (e.g. at a barrier) never holds up the process.
+    """
+
+    def __init__(
+        self,
+        open_epoch: Callable[[int], Iterable[T]],
+        *,
+        start_epoch: int = 0,
+        skip: int = 0,
+        max_batches: int | None = None,
+        queue_size: int = 2,
+        name: str = "epoch-prefetch",
+    ) -> None:
+        if queue_size < 1 or skip < 0 or start_epoch < 0 or (max_batches is not None and max_batches < 0):
+            raise ValueError(
+                f"EpochPrefetcher needs queue_size >= 1 and skip, start_epoch, max_batches >= 0; got "
+                f"queue_size={queue_size}, skip={skip}, start_epoch={start_epoch}, max_batches={max_batches}"
+            )
+        self._open_epoch = open_epoch
+        self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
+        self._stop = threading.Event()
+        self._done = False
+        self._thread = threading.Thread(
+            target=self._produce, args=(start_epoch, skip, max_batches), name=name, daemon=True
+        )
+        self._thread.start()
+
+    # -- producer (background thread) -------------------------------------------------------------------------
+    def _put(self, item: Any) -> bool:
+        """Blocking put that gives up once `close()` was called (False)."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _produce(self, epoch: int, skip: int, max_batches: int | None) -> None:
+        produced = 0
+        try:
+            while max_batches is None or produced < max_batches:
+                it = iter(self._open_epoch(epoch))
+                index = 0
+                try:
+                    # Check the budget before every next(): never request a batch nobody will consume.
+                    while not self._stop.is_set() and (max_batches is None or produced < max_batches):
+                        try:
+                            batch = next(it)
+                        except StopIteration:
+                            break
+                        if index >= skip:
+                            if not self._put((epoch, index, batch)):
+                                return
+                            produced += 1
+                        index += 1
+                    else:
+                        return  # stopped, or the budget is spent mid-epoch: no EpochEnd, no new epoch
+                finally:
+                    close = getattr(it, "close", None)
+                    if close is not None:
+                        close()  # Ray: ends the epoch's iteration now (notifies the split coordinator)
+                if not self._put(EpochEnd(epoch, index)) or index == 0 or index < skip:
+                    return
+                epoch, skip = epoch + 1, 0
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            self._put(_ProducerError(exc))
+        finally:
+            self._put(_PRODUCER_DONE)
+
+    # -- consumer -------------------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[tuple[int, int, T] | EpochEnd]:
+        return self
+
+    def __next__(self) -> tuple[int, int, T] | EpochEnd:
+        if self._done:
+            raise StopIteration
+        item = self._queue.get()
+        if item is _PRODUCER_DONE:
+            self._done = True
+            raise StopIteration
+        if isinstance(item, _ProducerError):
+            self._done = True
+            self.close()
+            raise item.exc  # the thread's traceback stays attached (exc.__traceback__)
+        return item
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Stop the thread and wait up to `timeout_s` for it (it may be blocked inside the shard: a daemon)."""
+        self._stop.set()
+        self._done = True
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            log.debug("%s still blocked in the data source after close(); left to exit with the process",
+                      self._thread.name)  # fmt: skip
+
+    def __enter__(self) -> EpochPrefetcher[T]:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
 class PretrainRunner:
     """One worker's training loop. `run()`: resume -> loop {step -> log -> eval -> checkpoint} -> final report.
 
@@ -436,20 +591,21 @@ class PretrainRunner:
     # -- the table of contents --------------------------------------------------------------------------------
     def run(self) -> None:
         self.load_or_resume()
-        batches = self.micro_batches()
-        while self.step < self.cfg.train.num_steps:
-            stats = self.train_one_step(batches)
-            self.step += 1
-            metrics: dict[str, float] = {}
-            if self.due(self.cfg.logging.every_steps):
-                metrics |= self.log_metrics(stats)
-            if self.due(self.cfg.logging.eval_every_steps):
-                metrics |= self.evaluate()
-            if self.due(self.cfg.checkpoint.every_steps):
-                self.save_checkpoint(metrics)
-            elif metrics:
-                self.report(metrics)
-            self.maybe_inject_failure()
+        with self.open_train_stream() as stream:  # closed on the way out, also on an exception
+            batches = self.micro_batches(stream)
+            while self.step < self.cfg.train.num_steps:
+                stats = self.train_one_step(batches)
+                self.step += 1
+                metrics: dict[str, float] = {}
+                if self.due(self.cfg.logging.every_steps):
+                    metrics |= self.log_metrics(stats)
+                if self.due(self.cfg.logging.eval_every_steps):
+                    metrics |= self.evaluate()
+                if self.due(self.cfg.checkpoint.every_steps):
+                    self.save_checkpoint(metrics)
+                elif metrics:
+                    self.report(metrics)
+                self.maybe_inject_failure()
         self.final_report()
 
     def due(self, every: int) -> bool:
@@ -497,46 +653,71 @@ class PretrainRunner:
                      self.batches_in_epoch)  # fmt: skip
 
     # -- data -----------------------------------------------------------------------------------------------
-    def micro_batches(self):
-        """Endless stream of collated micro-batches; (epoch, batches_in_epoch) track the position."""
+    def open_train_stream(self) -> EpochPrefetcher:
+        """The train shard, epoch after epoch, read ahead by a background thread (`EpochPrefetcher`).
+
+        It starts at the resumed position and reads exactly the micro-batches the remaining steps consume, so
+        every worker opens the same epochs (`streaming_split` needs all of them at each epoch's start) and none
+        is opened past the last step.
+        """
         cfg = self.cfg
-        while True:
-            it = self.train_shard.iter_torch_batches(
+        shuffle = cfg.data.shuffle_buffer_rows
+
+        def open_epoch(epoch: int):
+            return self.train_shard.iter_torch_batches(
                 batch_size=cfg.rows_per_micro_batch,
                 collate_fn=self.collate,
                 drop_last=True,
                 prefetch_batches=cfg.data.prefetch_batches,
-                local_shuffle_buffer_size=cfg.data.shuffle_buffer_rows or None,
-                local_shuffle_seed=shuffle_seed(cfg.train.seed, self.epoch, self.rank)
-                if cfg.data.shuffle_buffer_rows
-                else None,
+                local_shuffle_buffer_size=shuffle or None,
+                local_shuffle_seed=shuffle_seed(cfg.train.seed, epoch, self.rank) if shuffle else None,
                 device="cpu",
             )
-            skip, seen = self.batches_in_epoch, 0
-            for i, batch in enumerate(it):
-                seen += 1
-                if i < skip:
-                    continue  # consumed before the checkpoint we resumed from
-                self.batches_in_epoch = i + 1
-                yield batch
-            if seen == 0:
-                raise ValueError(
-                    f"rank {self.rank}: the train shard yielded no full micro-batch of {cfg.rows_per_micro_batch} "
-                    f"rows in epoch {self.epoch}; use more data, fewer workers or a smaller train.tokens_per_micro_batch"
-                )
-            if seen < skip:
-                raise ValueError(
-                    f"rank {self.rank}: resume position {skip} micro-batches is past the end of epoch {self.epoch} "
-                    f"({seen} micro-batches); the dataset or the batch size changed since the checkpoint"
-                )
-            if self.rank == 0 and self.epoch == 0:
-                log.info(
-                    "epoch 0: %d micro-batches of %d rows per worker; each epoch leaves out a tail of < %d rows "
-                    "per worker (drop_last) and up to %d rows trimmed by streaming_split(equal=True)",
-                    seen, cfg.rows_per_micro_batch, cfg.rows_per_micro_batch, self.world - 1,
-                )  # fmt: skip
-            self.epoch += 1
-            self.batches_in_epoch = 0
+
+        return EpochPrefetcher(
+            open_epoch,
+            start_epoch=self.epoch,
+            skip=self.batches_in_epoch,  # consumed before the checkpoint we resumed from
+            max_batches=(cfg.train.num_steps - self.step) * cfg.train.num_micro_batches,
+            queue_size=cfg.data.read_ahead_batches,
+            name=f"train-data-rank{self.rank}",
+        )
+
+    def micro_batches(self, stream: EpochPrefetcher):
+        """Collated micro-batches in order; (epoch, batches_in_epoch) track the position the steps consumed
+        (what a checkpoint stores), not how far the prefetch thread has read."""
+        cfg, skip = self.cfg, self.batches_in_epoch
+        for item in stream:
+            if isinstance(item, EpochEnd):
+                self.check_epoch_end(item, skip)
+                self.epoch, self.batches_in_epoch, skip = item.epoch + 1, 0, 0
+                continue
+            self.epoch, index, batch = item
+            self.batches_in_epoch = index + 1
+            yield batch
+        raise RuntimeError(
+            f"rank {self.rank}: the train stream ended at epoch {self.epoch}, micro-batch {self.batches_in_epoch} "
+            f"before step {cfg.train.num_steps} (its budget is the remaining steps x train.num_micro_batches)"
+        )
+
+    def check_epoch_end(self, end: EpochEnd, skip: int) -> None:
+        cfg = self.cfg
+        if end.num_batches == 0:
+            raise ValueError(
+                f"rank {self.rank}: the train shard yielded no full micro-batch of {cfg.rows_per_micro_batch} "
+                f"rows in epoch {end.epoch}; use more data, fewer workers or a smaller train.tokens_per_micro_batch"
+            )
+        if end.num_batches < skip:
+            raise ValueError(
+                f"rank {self.rank}: resume position {skip} micro-batches is past the end of epoch {end.epoch} "
+                f"({end.num_batches} micro-batches); the dataset or the batch size changed since the checkpoint"
+            )
+        if self.rank == 0 and end.epoch == 0:
+            log.info(
+                "epoch 0: %d micro-batches of %d rows per worker; each epoch leaves out a tail of < %d rows "
+                "per worker (drop_last) and up to %d rows trimmed by streaming_split(equal=True)",
+                end.num_batches, cfg.rows_per_micro_batch, cfg.rows_per_micro_batch, self.world - 1,
+            )  # fmt: skip
 
     def to_micro_batch(self, batch, seed_key: tuple[int, int, int]) -> MicroBatch:
         """Mask on the CPU (seeded by step/rank/micro-batch), then copy to the device."""
@@ -576,8 +757,8 @@ class PretrainRunner:
         return f"data_trace.rank{self.rank}.jsonl"
 
     def trace(self, raw, mbs) -> None:
-        """Reproducibility trace (debug/tests; syncs on GPU): per micro-batch a fingerprint of its rows
-        (`rows_sha`: the unmasked token stream) and of rows + masks (`sha`)."""
+        """Reproducibility trace (debug/tests; syncs on GPU): per micro-batch of a completed step a fingerprint
+        of its rows (`rows_sha`: the unmasked token stream) and of rows + masks (`sha`)."""
         import hashlib
 
         with self.files.path(self.trace_name).open("a") as f:
@@ -599,8 +780,6 @@ class PretrainRunner:
         raw = [next(batches) for _ in range(self.cfg.train.num_micro_batches)]
         t1 = time.perf_counter()
         mbs = [self.to_micro_batch(b, (self.step, self.rank, i)) for i, b in enumerate(raw)]
-        if self.cfg.logging.trace_data:
-            self.trace(raw, mbs)
         lr = self.optimizer.param_groups[0]["lr"]
         stats = train_step(
             self.model,
@@ -610,6 +789,10 @@ class PretrainRunner:
             max_grad_norm=self.cfg.train.max_grad_norm,
             autocast=self.autocast,
         )
+        if self.cfg.logging.trace_data:
+            # After the step: the trace lists what completed steps trained on. A step whose batch was read but
+            # which never finished (a peer crashed; DDP's all-reduce never returns) is not in it.
+            self.trace(raw, mbs)
         m = self.cfg.model
         flops = sum(
             model_flops(

@@ -56,6 +56,7 @@ def test_round_trip_and_pickle():
         (["--train.mask_prob", "0"], "mask_prob"),
         (["--trian.lr", "1"], "unknown config key"),
         (["--train.schedule", "step"], "schedule"),
+        (["--data.read_ahead_batches", "0"], "read_ahead_batches must be >= 1"),
         (["--data.packed_dir", "x", "--data.preprocess.pack_tokens", "8"], "either data.packed_dir"),
     ],
 )
