@@ -134,7 +134,9 @@ def packs_to_table(packs: list[list[np.ndarray]]) -> pa.Table:
     max_seqlen = np.maximum.reduceat(seg_len, seg_first)  # (R,)
     row_off = np.concatenate([[0], np.cumsum(num_tokens)])  # (R+1,)
     seg_start = np.concatenate([[0], np.cumsum(seg_len)[:-1]])  # (S,) global start of each segment
-    position_ids = (np.arange(len(values)) - np.repeat(seg_start, seg_len)).astype(np.int32)  # (T,)
+    # (T,) int32 throughout (T < 2^31 per shard): half the memory traffic of int64 on this O(tokens) step
+    position_ids = np.arange(len(values), dtype=np.int32)
+    position_ids -= np.repeat(seg_start.astype(np.int32), seg_len)
     pack_of_seg = np.repeat(np.arange(len(packs)), nseg)  # (S,)
     cu_off = np.concatenate([[0], np.cumsum(nseg + 1)])  # (R+1,)
     cu = np.empty(int(cu_off[-1]), dtype=np.int32)  # (S+R,)

@@ -313,6 +313,35 @@ def test_pack_chunks_rejects_out_of_order(tmp_path):
         list(packer(rows[1]))
 
 
+def test_pack_chunks_validation_policy(tmp_path, monkeypatch):
+    """validate_shards="first" fully validates shard 0 of each split, bound-checks the rest; "all" every shard;
+    the bytes written are the same either way, and the cheap check names file, row and field."""
+    import pipelines.preprocess as pp
+
+    docs = [{"id": f"d{i}", "text": " ".join(f"w{j}" for j in range(i % 40 + 1))} for i in range(120)]
+    rows = _tokenize_file(_jsonl(tmp_path / "x.jsonl", docs), chunk_docs=16)
+    full, digests = [], []
+    monkeypatch.setattr(pp, "validate_packed_table", lambda t, source, **kw: full.append(source))
+    for policy in ("first", "all"):
+        full.clear()
+        packer = _packer(tmp_path)
+        packer.validate_all = policy == "all"
+        meta = [m for r in rows for t in packer(r) for m in t.to_pylist()]
+        shards = [m["path"] for m in meta if m["shard"] >= 0]
+        first = [m["path"] for m in meta if m["shard"] == 0]
+        assert len(shards) > len(first) >= 1
+        assert sorted(full) == sorted(first if policy == "first" else shards)
+        digests.append({p: hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in shards})
+    assert digests[0] == digests[1]
+    t = pq.read_table(shards[-1])
+    bad = t.set_column(
+        t.schema.get_field_index("num_tokens"), "num_tokens", pa.array([0] * t.num_rows, pa.int32())
+    )
+    with pytest.raises(ValueError, match=r"shard\.parquet, row 0, field 'num_tokens': value 0"):
+        pp._check_pack_bounds(bad, "shard.parquet", pack_tokens=64, max_seq_len=32)
+    pp._check_pack_bounds(t, "ok", pack_tokens=64, max_seq_len=32)
+
+
 # ---------------------------------------------------------------------------------------------- config
 
 
@@ -326,6 +355,7 @@ def test_config_validation_and_yaml_round_trip():
         ({"on_bad_row": "ignore"}, "on_bad_row"),
         ({"compression": "rar"}, "compression"),
         ({"rows_per_shard": 10**6}, "rows_per_shard"),
+        ({"validate_shards": "none"}, "validate_shards"),
     ]:
         with pytest.raises(ValueError, match=msg):
             PreprocessConfig(**kw)
