@@ -34,8 +34,10 @@ endif
 data: setup
 	$(PY) -m pipelines.embedded --cache-dir $(CACHE_DIR)
 
+# The demo always trains from scratch: a re-run of the same run name would only resume the finished run.
 demo: data
-	$(PY) jobs/pretrain.py
+	rm -rf outputs/demo
+	$(PY) jobs/pretrain.py --checkpoint.storage_path outputs/demo
 
 test: data
 	$(PY) -m pytest -q

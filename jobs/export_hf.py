@@ -5,7 +5,7 @@
 
 The export is checked numerically against the training model before the job succeeds (see neobert/export.py).
 With no CHECKPOINT, the newest checkpoint of `jobs/pretrain.py` under its default storage path
-(`outputs/pretrain/*/checkpoint_*/model`) is exported to `outputs/hf_export`; if there is none, a freshly
+(`outputs/{pretrain,demo}/*/checkpoint_*/model`) is exported to `outputs/hf_export`; if there is none, a freshly
 initialised "tiny" model is exported to `outputs/hf_export_demo` (a smoke run of the whole path, parity check
 included; its weights are random and say nothing about quality).
 """
@@ -27,11 +27,13 @@ from neobert.export import ExportConfig, export_hf  # noqa: E402
 
 log = logging.getLogger("export_hf")
 DEMO_OUTPUT = "outputs/hf_export_demo"
-PRETRAIN_STORAGE = Path("outputs/pretrain")  # default checkpoint.storage_path of configs/pretrain.yaml
+# Default checkpoint.storage_path of configs/pretrain.yaml, and where `make demo` trains.
+PRETRAIN_STORAGES = (Path("outputs/pretrain"), Path("outputs/demo"))
 
 
-def newest_pretrain_checkpoint(storage: Path = PRETRAIN_STORAGE) -> Path | None:
-    found = sorted(storage.glob("*/checkpoint_*/model/neobert_config.json"), key=lambda f: f.stat().st_mtime)
+def newest_pretrain_checkpoint(storages: tuple[Path, ...] = PRETRAIN_STORAGES) -> Path | None:
+    found = [f for s in storages for f in s.glob("*/checkpoint_*/model/neobert_config.json")]
+    found.sort(key=lambda f: f.stat().st_mtime)
     return found[-1].parent if found else None
 
 
@@ -96,7 +98,7 @@ def run(argv: list[str]) -> int:
                 log.warning(
                     "no CHECKPOINT given and none under %s: exporting a randomly initialised tiny model to %s "
                     "(demo of the export path; run jobs/pretrain.py first for real weights)",
-                    PRETRAIN_STORAGE,
+                    " or ".join(map(str, PRETRAIN_STORAGES)),
                     DEMO_OUTPUT,
                 )
                 write_demo_checkpoint(Path(tmp) / "model")

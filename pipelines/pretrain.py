@@ -651,6 +651,12 @@ class PretrainRunner:
         if self.rank == 0:
             log.info("resumed from %s at step %d (epoch %d, micro-batch %d)", ckpt.path, self.step, self.epoch,
                      self.batches_in_epoch)  # fmt: skip
+            if self.step >= self.cfg.train.num_steps:
+                log.warning(
+                    "this run already finished (step %d of train.num_steps=%d), so nothing is trained; start a "
+                    "new run with another --checkpoint.name, or continue it with a larger --train.num_steps",
+                    self.step, self.cfg.train.num_steps,
+                )  # fmt: skip
 
     # -- data -----------------------------------------------------------------------------------------------
     def open_train_stream(self) -> EpochPrefetcher:
