@@ -75,12 +75,13 @@ def _dist_active(group=None) -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
 
 
-def _gather_sizes(n: int, device: torch.device, group=None) -> list[int]:
+def _gather_counts(counts: tuple[int, ...], device: torch.device, group=None) -> list[list[int]]:
+    """Every rank's `counts` in one collective, transposed: result[i][r] = counts[i] of rank r."""
     world = dist.get_world_size(group)
-    mine = torch.tensor([n], dtype=torch.long, device=device)
+    mine = torch.tensor(counts, dtype=torch.long, device=device)
     out = [torch.zeros_like(mine) for _ in range(world)]
     dist.all_gather(out, mine, group=group)
-    return [int(t.item()) for t in out]
+    return torch.stack(out).T.tolist()
 
 
 class _AllGatherWithGrad(torch.autograd.Function):
@@ -117,18 +118,14 @@ def all_gather_with_grad(x: torch.Tensor, group=None, sizes: list[int] | None = 
     if not _dist_active(group):
         return x
     if sizes is None:
-        sizes = _gather_sizes(x.shape[0], x.device, group)
+        (sizes,) = _gather_counts((x.shape[0],), x.device, group)
     return _AllGatherWithGrad.apply(x, sizes, dist.get_rank(group), group)
 
 
 def all_gather_no_grad(x: torch.Tensor, group=None, sizes: list[int] | None = None) -> torch.Tensor:
     """Like `all_gather_with_grad` for tensors that need no gradient (integer keys)."""
-    if not _dist_active(group):
-        return x
-    if sizes is None:
-        sizes = _gather_sizes(x.shape[0], x.device, group)
     with torch.no_grad():
-        return _AllGatherWithGrad.apply(x, sizes, dist.get_rank(group), group)
+        return all_gather_with_grad(x, group, sizes)
 
 
 # ------------------------------------------------------------------------------------------------- loss
@@ -179,8 +176,7 @@ def info_nce_loss(
     use_dist = gather and _dist_active(group)
     world = dist.get_world_size(group) if use_dist else 1
     if use_dist:
-        sizes = _gather_sizes_pair(num_q, n.shape[0], device, group)
-        q_sizes, n_sizes = sizes
+        q_sizes, n_sizes = _gather_counts((num_q, n.shape[0]), device, group)
         rank = dist.get_rank(group)
         offset = sum(q_sizes[:rank])
         p_all = all_gather_with_grad(p, group, q_sizes)  # (Bg, D)
@@ -193,7 +189,12 @@ def info_nce_loss(
     labels_B = torch.arange(num_q, device=device) + offset
     if pos_keys_B is not None:
         if neg_keys_M is None:
-            neg_keys_M = torch.zeros(n_MD.shape[0], dtype=torch.long, device=device)
+            if n_MD.shape[0]:  # a default key would collide with real keys and mask true negatives
+                raise ValueError(
+                    "info_nce_loss: pos_keys_B was given without neg_keys_M for the "
+                    f"{n_MD.shape[0]} hard negatives; pass one key per negative, or neither"
+                )
+            neg_keys_M = torch.zeros(0, dtype=pos_keys_B.dtype, device=device)
         if use_dist:
             pk_all = all_gather_no_grad(pos_keys_B.to(device), group, q_sizes)
             nk_all = all_gather_no_grad(neg_keys_M.to(device), group, n_sizes)
@@ -215,15 +216,6 @@ def info_nce_loss(
         num_candidates=cands_CD.shape[0],
         num_correct=num_correct,
     )
-
-
-def _gather_sizes_pair(a: int, b: int, device: torch.device, group=None) -> tuple[list[int], list[int]]:
-    """Row counts (queries, negatives) of every rank in one collective."""
-    world = dist.get_world_size(group)
-    mine = torch.tensor([a, b], dtype=torch.long, device=device)
-    out = [torch.zeros_like(mine) for _ in range(world)]
-    dist.all_gather(out, mine, group=group)
-    return [int(t[0].item()) for t in out], [int(t[1].item()) for t in out]
 
 
 # ---------------------------------------------------------------------------------------------- metrics

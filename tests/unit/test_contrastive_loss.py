@@ -215,3 +215,17 @@ def test_cross_worker_gather_gradient_equals_full_batch():
         f"2-rank gloo gather: loss {mean_loss.item():.5f} vs {full.loss.item():.5f}, grad max diff {max_diff:.2e}"
     )
     assert max_diff < 1e-5
+
+
+def test_positive_keys_without_negative_keys_is_refused():
+    """A default negative key would collide with real keys and silently mask true hard negatives."""
+    import pytest
+
+    from neobert.contrastive import info_nce_loss
+
+    q, p, n = torch.randn(3, 8), torch.randn(3, 8), torch.randn(2, 8)
+    keys = torch.tensor([0, 1, 2])
+    with pytest.raises(ValueError, match="neg_keys_M"):
+        info_nce_loss(q, p, n, pos_keys_B=keys)
+    out = info_nce_loss(q, p, None, pos_keys_B=keys)  # no hard negatives: nothing to key
+    assert out.num_candidates == 3
