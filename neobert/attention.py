@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
-import math
 from collections.abc import Callable, Iterator
 
 import torch
@@ -180,7 +179,3 @@ def padded_attention(
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=attention_mask.bool()[:, None, None, :], scale=scale
     )
-
-
-def default_scale(head_dim: int) -> float:
-    return 1.0 / math.sqrt(head_dim)

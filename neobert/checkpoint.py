@@ -43,12 +43,15 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     while True:
         if hasattr(model, "_orig_mod"):
             model = model._orig_mod
-        elif isinstance(model, torch.nn.parallel.DistributedDataParallel) or (
-            hasattr(model, "module") and isinstance(model.module, torch.nn.Module)
-        ):
+        elif isinstance(getattr(model, "module", None), torch.nn.Module):  # DDP (or any `.module` wrapper)
             model = model.module
         else:
             return model
+
+
+def encoder_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The `encoder.*` entries of a model-dir state dict without the prefix: the keys of a bare `NeoBERT`."""
+    return {k.removeprefix("encoder."): v for k, v in state_dict.items() if k.startswith("encoder.")}
 
 
 @dataclasses.dataclass
@@ -150,7 +153,6 @@ def load_encoder(path: str | Path) -> torch.nn.Module:
     from neobert.model import NeoBERT
 
     md = load_model_dir(path)
-    enc_state = {k.removeprefix("encoder."): v for k, v in md.state_dict.items() if k.startswith("encoder.")}
     model = NeoBERT(md.cfg)
-    model.load_state_dict(enc_state, strict=True)
+    model.load_state_dict(encoder_state_dict(md.state_dict), strict=True)
     return model

@@ -188,7 +188,7 @@ def load_original(src: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
 def convert_original(src: str | Path, outdir: str | Path, **config_overrides: Any) -> Path:
     """Convert the original checkpoint in `src` into a model dir (`neobert.checkpoint`) in `outdir`, loading
     it into our model with strict key checking on the way."""
-    from neobert.checkpoint import save_model_dir
+    from neobert.checkpoint import encoder_state_dict, save_model_dir
     from neobert.model import NeoBERT, NeoBERTForMLM
 
     sd, orig_cfg = load_original(src)
@@ -200,7 +200,7 @@ def convert_original(src: str | Path, outdir: str | Path, **config_overrides: An
         kind = "mlm"
     else:
         model = NeoBERT(cfg)
-        model.load_state_dict({k.removeprefix("encoder."): v for k, v in ours.items()}, strict=True)
+        model.load_state_dict(encoder_state_dict(ours), strict=True)
         kind = "encoder"
     path = save_model_dir(outdir, model, cfg, kind=kind, extra={"converted_from": str(src)})
     log.info("[convert] %s -> %s (%s, %d layers)", src, path, kind, cfg.num_layers)

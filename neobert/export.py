@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from neobert.checkpoint import ModelDir, load_model_dir
+from neobert.checkpoint import ModelDir, encoder_state_dict, load_model_dir
 from neobert.hf.keymap import training_to_hf
 
 log = logging.getLogger(__name__)
@@ -276,7 +276,7 @@ def _training_hidden(md: ModelDir, ids_T: torch.Tensor, lengths: list[int]):
             hidden = model.encoder(ids_T, meta)
             return hidden, model.logits(hidden), meta
         enc = NeoBERT(cfg)
-        enc.load_state_dict({k.removeprefix("encoder."): v for k, v in md.state_dict.items()}, strict=True)
+        enc.load_state_dict(encoder_state_dict(md.state_dict), strict=True)
         enc.eval()
         return enc(ids_T, meta), None, meta
 

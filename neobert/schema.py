@@ -190,22 +190,20 @@ def validate_packed_table(
         raise _fail(source, r, "max_seqlen", f"{max_seqlen[r - row_offset]} > max_seq_len {max_seq_len}")
 
     # position_ids must equal arange within every segment: expected[t] = t - start_of_its_segment.
-    token_row = np.repeat(np.arange(len(num_tokens)), num_tokens)
-    local_t = np.arange(len(pos)) - ids_off[token_row]
     seg_starts_global = cu + np.repeat(ids_off[:-1], cu_len)  # segment boundaries in flat coordinates
     seg_ends_mask = np.ones(len(cu), dtype=bool)
     seg_ends_mask[cu_off[1:] - 1] = False  # drop each row's final boundary (== its end)
     starts_flat = seg_starts_global[seg_ends_mask]
     seg_index = np.searchsorted(starts_flat, np.arange(len(pos)), side="right") - 1
     expected = np.arange(len(pos)) - starts_flat[seg_index]
-    del local_t
     if (bad := pos != expected).any():
         t = int(np.flatnonzero(bad)[0])
+        row = int(np.searchsorted(ids_off, t, side="right") - 1)
         raise _fail(
             source,
-            row_offset + int(token_row[t]),
+            row_offset + row,
             "position_ids",
-            f"token {t - ids_off[token_row[t]]} has position {pos[t]}, expected {expected[t]} (restart at 0 per segment)",
+            f"token {t - ids_off[row]} has position {pos[t]}, expected {expected[t]} (restart at 0 per segment)",
         )
 
 

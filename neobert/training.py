@@ -23,7 +23,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-IGNORE_INDEX = -100
+from neobert.loss import IGNORE_INDEX
+
 MaskStrategy = Literal["mask", "80_10_10"]
 
 
