@@ -224,10 +224,8 @@ class PackChunks:
         self.fs = filesystem_for(output_uri) if output_uri else None
 
     def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
-        cols = {
-            n: batch.column(n).combine_chunks() for n in ("tokens", "seg_lengths", "seg_split", "doc_lengths")
-        }
-        cols["doc_split"] = batch.column("doc_split").combine_chunks()
+        list_cols = ("tokens", "seg_lengths", "seg_split", "doc_lengths", "doc_split")
+        cols = {n: batch.column(n).combine_chunks() for n in list_cols}
         units = batch.column("unit").to_pylist()
         chunks = batch.column("chunk").to_pylist()
         lasts = batch.column("last").to_pylist()
@@ -448,10 +446,8 @@ def _clear_outputs(output_uri: str) -> None:
     """Overwrite mode: remove earlier shards and report (only our files; anything else is left alone)."""
     fs, root = filesystem_for(output_uri)
     for split in SPLITS:
-        d = f"{root}/{split}"
-        for info in fs.get_file_info(pafs.FileSelector(d, allow_not_found=True)):
-            if info.type == pafs.FileType.File and info.base_name.endswith(".parquet"):
-                fs.delete_file(info.path)
+        for path in _parquet_files(fs, f"{root}/{split}"):
+            fs.delete_file(path)
     for name in ("report.json", "report.html"):
         if fs.get_file_info(f"{root}/{name}").type == pafs.FileType.File:
             fs.delete_file(f"{root}/{name}")
@@ -525,12 +521,22 @@ def _read_packed_files(batch: pa.Table) -> Iterator[pa.Table]:
             yield table
 
 
+def _parquet_files(fs: pafs.FileSystem, directory: str) -> list[str]:
+    """Sorted paths (inside `fs`) of the .parquet files directly under `directory`; [] when it does not exist."""
+    infos = fs.get_file_info(pafs.FileSelector(directory, allow_not_found=True))
+    return sorted(i.path for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(".parquet"))
+
+
+def has_packed_split(path: str, split: str) -> bool:
+    """Whether `path/split` holds a .parquet shard (local path or any pyarrow-filesystem URI); no footer read."""
+    fs, root = filesystem_for(path)
+    return bool(_parquet_files(fs, f"{root.rstrip('/')}/{split}"))
+
+
 def packed_files(path: str, split: str = "train") -> list[str]:
     """Shard URIs of `path/split`, sorted, after checking each file's schema version (footers only)."""
     fs, root = filesystem_for(path)
-    d = f"{root.rstrip('/')}/{split}"
-    infos = fs.get_file_info(pafs.FileSelector(d, allow_not_found=True))
-    files = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.base_name.endswith(".parquet"))
+    files = _parquet_files(fs, f"{root.rstrip('/')}/{split}")
     if not files:
         raise ValueError(
             f"no Parquet shards under {path}/{split}; build them with `python jobs/preprocess.py --output {path}` "
@@ -566,6 +572,7 @@ __all__ = [
     "PackChunks",
     "PreprocessConfig",
     "build_packed_datasets",
+    "has_packed_split",
     "packed_files",
     "read_packed",
     "run_preprocess",

@@ -277,13 +277,13 @@ def build_datasets(cfg: PretrainConfig) -> dict[str, Any]:
         # A string, not a Path: Path("s3://b/k") collapses to "s3:/b/k". Listed through pyarrow filesystems,
         # so local dirs and s3:// / gs:// / file:// URIs take the same code path.
         root = cfg.data.packed_dir
-        if not _has_parquet(root, "train"):
+        if not preprocess.has_packed_split(root, "train"):
             raise ValueError(
                 f"data.packed_dir={root} has no train/*.parquet shards; run `python jobs/preprocess.py --output "
                 f"{root}` first or leave data.packed_dir empty to preprocess on the fly"
             )
         ds = {"train": preprocess.read_packed(root, split="train")}
-        if _has_parquet(root, "eval"):  # absent when preprocessed with eval_fraction=0
+        if preprocess.has_packed_split(root, "eval"):  # absent when preprocessed with eval_fraction=0
             ds["eval"] = preprocess.read_packed(root, split="eval")
     else:
         # pack_tokens follows data.pack_tokens, and segments must fit a pack: max_seq_len <= pack_tokens.
@@ -291,11 +291,10 @@ def build_datasets(cfg: PretrainConfig) -> dict[str, Any]:
         if "max_seq_len" not in pre:
             pre["max_seq_len"] = min(pre["pack_tokens"], preprocess.PreprocessConfig.max_seq_len)
         pcfg = from_dict(preprocess.PreprocessConfig, pre)
-        pack = getattr(pcfg, "pack_tokens", cfg.data.pack_tokens)
-        if pack != cfg.data.pack_tokens:
+        if pcfg.pack_tokens != cfg.data.pack_tokens:
             raise ValueError(
-                f"data.preprocess.pack_tokens={pack} != data.pack_tokens={cfg.data.pack_tokens}; set them equal "
-                "(or drop data.preprocess.pack_tokens: it defaults to data.pack_tokens)"
+                f"data.preprocess.pack_tokens={pcfg.pack_tokens} != data.pack_tokens={cfg.data.pack_tokens}; "
+                "set them equal (or drop data.preprocess.pack_tokens: it defaults to data.pack_tokens)"
             )
         ds = preprocess.build_packed_datasets(pcfg)
     if cfg.data.num_train_rows:
@@ -303,17 +302,6 @@ def build_datasets(cfg: PretrainConfig) -> dict[str, Any]:
     if cfg.data.num_eval_rows and "eval" in ds:
         ds["eval"] = ds["eval"].limit(cfg.data.num_eval_rows)
     return ds
-
-
-def _has_parquet(root: str, split: str) -> bool:
-    """Whether `root/split` holds a .parquet file (local path or any pyarrow-filesystem URI)."""
-    import pyarrow.fs as pafs
-
-    from pipelines.read import filesystem_for
-
-    fs, path = filesystem_for(root)
-    infos = fs.get_file_info(pafs.FileSelector(f"{path.rstrip('/')}/{split}", allow_not_found=True))
-    return any(i.type == pafs.FileType.File and i.base_name.endswith(".parquet") for i in infos)
 
 
 def check_optional_packages(cfg: PretrainConfig) -> None:
@@ -859,9 +847,8 @@ class PretrainRunner:
         n = self.cfg.logging.num_eval_batches
         loss_sum, correct, masked = 0.0, 0.0, 0.0
         if n and self.eval_shard is not None:
-            if (
-                self._eval_batches is None
-            ):  # the same rows every eval: read (and tokenize, if on the fly) once
+            # The same rows every eval: read (and tokenize, if on the fly) once.
+            if self._eval_batches is None:
                 it = self.eval_shard.iter_torch_batches(
                     batch_size=self.cfg.rows_per_micro_batch,
                     collate_fn=self.collate,

@@ -207,9 +207,8 @@ class TokenizeFiles:
             f = InputFile(
                 uri=str(u["uri"]), format=str(u["format"]), name=str(u["name"]), size=int(u["size"])
             )
-            ensure_input_on_node(
-                f.uri
-            )  # multi-node: the driver materialized the embedded corpus only on its node
+            # Multi-node: the driver materialized the embedded corpus only on its node.
+            ensure_input_on_node(f.uri)
             for k, (chunk, last) in enumerate(_with_last(iter_document_chunks(f, self.opts))):
                 yield self.tokenize_chunk(chunk, unit=int(u["unit"]), index=k, last=last)
 
@@ -217,7 +216,7 @@ class TokenizeFiles:
         split = np.array(
             [is_eval_document(i, self.eval_fraction, self.seed) for i in chunk.doc_ids], dtype=np.int8
         )  # (D,)
-        keep = self.keep_split[split] if len(split) else np.zeros(0, dtype=bool)
+        keep = self.keep_split[split]  # (D,) bool
         texts = [t for t, k in zip(chunk.texts, keep, strict=True) if k]
         doc_split = split[keep]
         flat, doc_len = self.tok.encode(texts)
