@@ -301,6 +301,11 @@ class _RawBuffer:
         return t
 
 
+def _rel_file(src: ResolvedSource, path: str) -> str:
+    """How a data file is named in quarantine rows and duplicate details: relative to the source's root."""
+    return os.path.relpath(path, src.root) if os.path.isdir(src.root) else os.path.basename(path)
+
+
 def _display(b: bytes) -> str:
     return b.decode("utf-8", errors="backslashreplace")
 
@@ -325,8 +330,7 @@ def iter_raw_file(
 ) -> Iterator[pa.Table]:
     """Stream one inline file as RAW_SCHEMA tables. JSONL lines are read as bytes so a bad line is one bad row."""
     path = src.files[file_index]
-    rel = os.path.relpath(path, src.root) if os.path.isdir(src.root) else os.path.basename(path)
-    buf = _RawBuffer(src, file_index, rel)
+    buf = _RawBuffer(src, file_index, _rel_file(src, path))
     if src.format == "jsonl":
         with open(path, "rb") as f:
             for lineno, line in enumerate(f, start=1):
@@ -380,48 +384,55 @@ def _read_inline_batch(batch: dict, sources: dict[int, ResolvedSource]) -> Itera
 # --- BEIR -----------------------------------------------------------------------------------------
 
 
-def _load_jsonl_map(path: Path, value_fn) -> tuple[dict[str, Any], list[tuple[int, bytes, str, str]]]:
-    """id -> value for a BEIR JSONL file; bad lines returned as (line, raw, reason, detail)."""
-    out: dict[str, Any] = {}
-    bad: list[tuple[int, bytes, str, str]] = []
+def _iter_jsonl_objects(path: Path) -> Iterator[tuple[int, bytes, dict | None, str, str]]:
+    """(line number, raw line, JSON object or None, reason, error) per non-blank line of a BEIR JSONL file."""
     with open(path, "rb") as f:
         for lineno, line in enumerate(f, start=1):
             line = line.rstrip(b"\r\n")
             if not line.strip():
                 continue
             try:
-                text = line.decode("utf-8")
+                rec = json.loads(line.decode("utf-8"))
             except UnicodeDecodeError as e:
-                bad.append((lineno, line, "invalid_utf8", f"{path.name} line {lineno}: {e}"))
+                yield lineno, line, None, "invalid_utf8", str(e)
                 continue
-            try:
-                rec = json.loads(text)
             except json.JSONDecodeError as e:
-                bad.append((lineno, line, "malformed_json", f"{path.name} line {lineno}: {e}"))
+                yield lineno, line, None, "malformed_json", str(e)
                 continue
             if not isinstance(rec, dict):
-                bad.append((lineno, line, "malformed_json", f"{path.name} line {lineno}: not a JSON object"))
+                yield lineno, line, None, "malformed_json", "not a JSON object"
                 continue
-            rid = rec.get("_id")
-            if rid is None or "text" not in rec:
-                missing = "'_id'" if rid is None else "'text'"
-                bad.append((lineno, line, "missing_field", f"{path.name} line {lineno}: no {missing}"))
-                continue
-            if str(rid) in out:  # a later definition would silently replace the first one
-                bad.append(
-                    (
-                        lineno,
-                        line,
-                        "duplicate_id",
-                        f"{path.name} line {lineno}: _id {str(rid)!r} defined "
-                        "earlier in the file; the first definition is kept, remove or rename this one",
-                    )
+            yield lineno, line, rec, "", ""
+
+
+def _load_jsonl_map(path: Path, value_fn) -> tuple[dict[str, Any], list[tuple[int, bytes, str, str]]]:
+    """id -> value for a BEIR JSONL file; bad lines returned as (line, raw, reason, detail)."""
+    out: dict[str, Any] = {}
+    bad: list[tuple[int, bytes, str, str]] = []
+    for lineno, line, rec, reason, error in _iter_jsonl_objects(path):
+        if rec is None:
+            bad.append((lineno, line, reason, f"{path.name} line {lineno}: {error}"))
+            continue
+        rid = rec.get("_id")
+        if rid is None or "text" not in rec:
+            missing = "'_id'" if rid is None else "'text'"
+            bad.append((lineno, line, "missing_field", f"{path.name} line {lineno}: no {missing}"))
+            continue
+        if str(rid) in out:  # a later definition would silently replace the first one
+            bad.append(
+                (
+                    lineno,
+                    line,
+                    "duplicate_id",
+                    f"{path.name} line {lineno}: _id {str(rid)!r} defined "
+                    "earlier in the file; the first definition is kept, remove or rename this one",
                 )
-                continue
-            try:
-                out[str(rid)] = value_fn(rec)
-            except ValueError as e:
-                bad.append((lineno, line, "wrong_type", f"{path.name} line {lineno}: {e}"))
+            )
+            continue
+        try:
+            out[str(rid)] = value_fn(rec)
+        except ValueError as e:
+            bad.append((lineno, line, "wrong_type", f"{path.name} line {lineno}: {e}"))
     return out, bad
 
 
@@ -472,39 +483,32 @@ class BeirJoiner:
             p = root / neg_file
             if not p.is_file():
                 raise FileNotFoundError(f"source {cfg.name!r}: negatives_file {p} does not exist")
-            with open(p, "rb") as f:
-                for lineno, line in enumerate(f, start=1):
-                    line = line.rstrip(b"\r\n")
-                    if not line.strip():
-                        continue
-                    try:
-                        rec = json.loads(line.decode("utf-8"))
-                        if not isinstance(rec, dict):
-                            raise json.JSONDecodeError("not a JSON object", "", 0)
-                    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                        reason = "invalid_utf8" if isinstance(e, UnicodeDecodeError) else "malformed_json"
-                        bad.append((neg_file, lineno, line, reason, f"{neg_file} line {lineno}: {e}"))
-                        continue
-                    qid = _first_key(rec, ("query-id", "query_id", "qid"))
-                    ids = _first_key(rec, ("corpus-ids", "corpus_ids", "neg", "negatives", "negative_ids"))
-                    if qid is None or ids is None:
-                        bad.append(
-                            (
-                                neg_file,
-                                lineno,
-                                line,
-                                "missing_field",
-                                f"{neg_file} line {lineno}: needs query-id and corpus-ids",
-                            )
+            for lineno, line, rec, reason, error in _iter_jsonl_objects(p):
+                if rec is None:
+                    bad.append((neg_file, lineno, line, reason, f"{neg_file} line {lineno}: {error}"))
+                    continue
+                qid = _first_key(rec, ("query-id", "query_id", "qid"))
+                ids = _first_key(rec, ("corpus-ids", "corpus_ids", "neg", "negatives", "negative_ids"))
+                if qid is None or ids is None:
+                    bad.append(
+                        (
+                            neg_file,
+                            lineno,
+                            line,
+                            "missing_field",
+                            f"{neg_file} line {lineno}: needs query-id and corpus-ids",
                         )
-                        continue
-                    if str(qid) not in queries:  # otherwise never joined: silently unused
-                        detail = f"{neg_file} line {lineno}: unknown query-id {str(qid)!r} (not in {cfg.queries_file})"
-                        bad.append((neg_file, lineno, line, "dangling_id", detail))
-                        continue
-                    if not isinstance(ids, list):
-                        ids = [ids]
-                    negs.setdefault(str(qid), []).extend(str(i) for i in ids)
+                    )
+                    continue
+                if str(qid) not in queries:  # otherwise never joined: silently unused
+                    detail = (
+                        f"{neg_file} line {lineno}: unknown query-id {str(qid)!r} (not in {cfg.queries_file})"
+                    )
+                    bad.append((neg_file, lineno, line, "dangling_id", detail))
+                    continue
+                if not isinstance(ids, list):
+                    ids = [ids]
+                negs.setdefault(str(qid), []).extend(str(i) for i in ids)
         self.maps[src.index] = (queries, corpus, negs, bad)
         return self.maps[src.index]
 
@@ -525,7 +529,7 @@ class BeirJoiner:
     def _join_qrels(self, src, fi, queries, corpus, negs) -> Iterator[pa.Table]:
         cfg = src.cfg
         path = src.files[fi]
-        buf = _RawBuffer(src, fi, os.path.relpath(path, src.root))
+        buf = _RawBuffer(src, fi, _rel_file(src, path))
         with open(path, "rb") as f:
             for lineno, line in enumerate(f, start=1):
                 line = line.rstrip(b"\r\n")
@@ -699,12 +703,7 @@ def parse_record(raw: bytes, cfg: SourceConfig, kind: str) -> tuple[str, str, li
         raise RowRejected(
             "wrong_type", f"{nc} is {type(neg).__name__} ({_short(neg)}), expected string or list"
         )
-    negatives = []
-    for i, n in enumerate(negs_in):
-        if not isinstance(n, str):
-            kind_n = "null" if n is None else type(n).__name__
-            raise RowRejected("wrong_type", f"{nc}[{i}] is {kind_n} ({_short(n)}), expected a string")
-        negatives.append(_check_text(n, f"{nc}[{i}]"))
+    negatives = [_check_text(n, f"{nc}[{i}]") for i, n in enumerate(negs_in)]
     if compare_key(query) == compare_key(positive):
         raise RowRejected("positive_equals_query", f"{pc} equals {qc}: {_short(positive)}")
     pk = compare_key(positive)
@@ -928,10 +927,9 @@ def find_duplicates(keys: pa.Table, excluded_counts: dict[int, int] | None = Non
     those rows are left out so a pair is never dropped as a duplicate of a row that is itself rejected.
     """
     if excluded_counts:
-        si = keys["source_index"].to_numpy()
+        uniq, inverse = np.unique(keys["source_index"].to_numpy(), return_inverse=True)
         nn = keys["num_negatives"].to_numpy()
-        expected = np.array([excluded_counts.get(int(s), -1) for s in np.unique(si)])
-        exp_row = expected[np.searchsorted(np.unique(si), si)]
+        exp_row = np.array([excluded_counts.get(int(s), -1) for s in uniq])[inverse]
         keys = keys.filter(pa.array((exp_row == -1) | (exp_row == nn)))
     t = keys.sort_by([(c, "ascending") for c in ("key", "source_index", "file_index", "row")])
     n = t.num_rows
@@ -993,6 +991,7 @@ class ContrastiveFinalizer:
         self.duplicates, self.expected, self.policies = duplicates, expected_negatives, policies
         self.max_seq_len, self.truncation, self.tokenize = max_seq_len, truncation, tokenize
         self.num_examples = num_examples
+        self.valid_schema = pa.schema(list(VALID_SCHEMA) + (TOKENIZED_FIELDS if tokenize else []))
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from pipelines.contrastive_report import new_source_stats
@@ -1000,8 +999,7 @@ class ContrastiveFinalizer:
         if isinstance(batch, dict):
             batch = pa.table(batch)
         cols = batch.to_pydict()
-        valid_schema = pa.schema(list(VALID_SCHEMA) + (TOKENIZED_FIELDS if self.tokenize else []))
-        valid: dict[str, list] = {f.name: [] for f in valid_schema}
+        valid: dict[str, list] = {f.name: [] for f in self.valid_schema}
         quar: dict[str, list] = {f.name: [] for f in QUARANTINE_SCHEMA}
         stats: dict[str, dict] = {}
         for i in range(batch.num_rows):
@@ -1058,7 +1056,7 @@ class ContrastiveFinalizer:
                 st[key][fld] = st[key].get(fld, 0) + 1
         name = f"part-{uuid.uuid4().hex}.parquet"
         if valid["query"]:
-            pq.write_table(pa.table(valid, schema=valid_schema), self.output / "valid" / name)
+            pq.write_table(pa.table(valid, schema=self.valid_schema), self.output / "valid" / name)
         if quar["row"]:
             pq.write_table(pa.table(quar, schema=QUARANTINE_SCHEMA), self.output / "quarantine" / name)
         return pa.table({"stats": [json.dumps(stats)]})
@@ -1110,8 +1108,7 @@ def _dup_map(rows, resolved: list[ResolvedSource]) -> dict[tuple[int, int, int],
     out = {}
     for d in rows:
         first = resolved[d["first_source_index"]]
-        path = first.files[d["first_file_index"]]
-        rel = os.path.relpath(path, first.root) if os.path.isdir(first.root) else os.path.basename(path)
+        rel = _rel_file(first, first.files[d["first_file_index"]])
         out[(d["source_index"], d["file_index"], d["row"])] = (first.cfg.name, rel, d["first_row"])
     return out
 

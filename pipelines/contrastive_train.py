@@ -411,7 +411,7 @@ def resolve_init(path: str | Path) -> Path:
 def load_init_encoder(path: str | Path) -> tuple[torch.nn.Module, Any, str | None]:
     """(NeoBERT encoder, NeoBERTConfig, pooling stored in the dir or None). `random:<preset>` (e.g.
     `random:tiny`) builds a freshly initialised preset instead: for tests and throughput benchmarks."""
-    from neobert.checkpoint import CONFIG_FILE, load_encoder, load_model_dir
+    from neobert.checkpoint import CONFIG_FILE, load_encoder
 
     if str(path).startswith(RANDOM_INIT_PREFIX):
         from neobert.model import NeoBERT, NeoBERTConfig
@@ -423,10 +423,9 @@ def load_init_encoder(path: str | Path) -> tuple[torch.nn.Module, Any, str | Non
         return NeoBERT(cfg), cfg, None
     d = resolve_init(path)
     if (d / CONFIG_FILE).exists():
-        md = load_model_dir(d)
-        return load_encoder(d), md.cfg, md.pooling
-    encoder, cfg, pooling = load_encoder_from_hf(d)
-    return encoder, cfg, pooling
+        encoder = load_encoder(d)  # reads the weights once; pooling comes from the small config JSON
+        return encoder, encoder.config, json.loads((d / CONFIG_FILE).read_text()).get("pooling")
+    return load_encoder_from_hf(d)
 
 
 def load_encoder_from_hf(d: Path) -> tuple[torch.nn.Module, Any, str | None]:

@@ -134,6 +134,10 @@ def test_resolve_init_errors_and_hf_roundtrip(tmp_path):
     model = NeoBERT(cfg)
     save_model_dir(tmp_path / "ckpt" / "model", model, cfg, kind="encoder", pooling="mean")
     assert ct.resolve_init(tmp_path / "ckpt") == tmp_path / "ckpt" / "model"
+    enc_md, cfg_md, pooling_md = ct.load_init_encoder(tmp_path / "ckpt")  # the model-dir path
+    assert cfg_md == cfg and pooling_md == "mean"
+    want = model.state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in enc_md.state_dict().items())
     export_hf(tmp_path / "ckpt", tmp_path / "hf", tokenizer_dir=default_tokenizer_dir(), parity=False)
     enc, cfg2, pooling = ct.load_init_encoder(tmp_path / "hf")
     assert cfg2.ffn_hidden_size == cfg.ffn_hidden_size and pooling == "mean"
