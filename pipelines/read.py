@@ -289,22 +289,28 @@ def iter_document_chunks(f: InputFile, opts: ReadOptions) -> Iterator[DocChunk]:
     yield ch.take()
 
 
-def _jsonl_rows(fs, path, f: InputFile, opts: ReadOptions, ch: _Chunker) -> Iterator[None]:
-    col, idc = opts.text_column, opts.id_column
-    row = 0
+def _file_lines(fs, path) -> Iterator[bytes]:
+    """The lines of a (possibly compressed) file, streamed in 8 MiB blocks; no trailing '\n' on each line, and
+    the file's final newline does not start another line."""
     with fs.open_input_stream(path, compression="detect") as stream:
         rest = b""
         while True:
             block = stream.read(8 << 20)
             lines = (rest + block).split(b"\n")
             rest = lines.pop() if block else b""
-            for line in lines:
-                if line.strip():
-                    _jsonl_line(line, row, col, idc, ch)
-                    yield None
-                row += 1
+            if not block and lines and not lines[-1]:
+                lines.pop()
+            yield from lines
             if not block:
-                break
+                return
+
+
+def _jsonl_rows(fs, path, f: InputFile, opts: ReadOptions, ch: _Chunker) -> Iterator[None]:
+    col, idc = opts.text_column, opts.id_column
+    for row, line in enumerate(_file_lines(fs, path)):
+        if line.strip():
+            _jsonl_line(line, row, col, idc, ch)
+            yield None
 
 
 def _jsonl_line(line: bytes, row: int, col: str, idc: str, ch: _Chunker) -> None:
@@ -354,35 +360,25 @@ def _text_rows(fs, path, f: InputFile, opts: ReadOptions, ch: _Chunker) -> Itera
         doc, bad_utf8 = [], None
         row += 1
 
-    with fs.open_input_stream(path, compression="detect") as stream:
-        rest = b""
-        while True:
-            block = stream.read(8 << 20)
-            lines = (rest + block).split(b"\n")
-            rest = lines.pop() if block else b""
-            if not block and lines and not lines[-1]:
-                lines.pop()  # the file's final newline does not start another line
-            for line in lines:
-                try:
-                    s = line.decode("utf-8").rstrip("\r")
-                except UnicodeDecodeError as e:
-                    s = ""
-                    if bad_utf8 is None:
-                        bad_utf8 = f"byte {e.start}: {line[e.start : e.start + 8]!r}"
-                blank = not s.strip() and bad_utf8 is None
-                if opts.text_split == "paragraph" and blank:
-                    if doc:
-                        flush()
-                        yield None
-                elif opts.text_split == "line":
-                    if not blank or bad_utf8 is not None:
-                        doc.append(s)
-                        flush()
-                        yield None
-                else:
-                    doc.append(s)
-            if not block:
-                break
+    for line in _file_lines(fs, path):
+        try:
+            s = line.decode("utf-8").rstrip("\r")
+        except UnicodeDecodeError as e:
+            s = ""
+            if bad_utf8 is None:
+                bad_utf8 = f"byte {e.start}: {line[e.start : e.start + 8]!r}"
+        blank = not s.strip() and bad_utf8 is None
+        if opts.text_split == "paragraph" and blank:
+            if doc:
+                flush()
+                yield None
+        elif opts.text_split == "line":
+            if not blank or bad_utf8 is not None:
+                doc.append(s)
+                flush()
+                yield None
+        else:
+            doc.append(s)
     if doc or bad_utf8 is not None:
         flush()
         yield None
