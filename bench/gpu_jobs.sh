@@ -2,6 +2,11 @@
 # The lead's GPU verification in two device calls (see docs/benchmarks.md for the figures they produced).
 #   part A: loss + model gpu tests, bench/loss.py, bench/train_step.py baselines
 #   part B: jobs/pretrain.py (base, 1 GPU) and jobs/contrastive.py through Ray Train on carried Ray
+#   parts A4 / B4: the same with flash-attn-4 installed (auto -> fa4): GPU tests, train_step variants, and the
+#   Ray pretrain job. FA4's wheels do not fit one call next to Ray, so earlier calls in the 30 s idle window
+#   stash them: carry .fa4a and `cp .fa4a/* /tmp/fa4stash/` (bench/prepare_fa4_wheels.sh makes .fa4a/.fa4b);
+#   for B4 also carry .device/ray-cp312.tar.xz and .device/packed1024 and copy them to /tmp/raystash/. The
+#   A4/B4 call itself carries .fa4b.
 # Carry: .device (ray-cp312.tar.xz, packed1024/, contrastive_valid/, tokenizer/) and .whl (liger-kernel).
 set -u
 OUT=${OUT:-outputs/gpu}; mkdir -p "$OUT"
@@ -12,6 +17,21 @@ mkdir -p /tmp/site
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >/dev/null 2>&1
 export PYTHONPATH=/tmp/site:$PWD
 B="timeout -s INT -k 10"
+RAY_TAR=.device/ray-cp312.tar.xz PACKED=$PWD/.device/packed1024
+if [[ $PART == *4 ]]; then
+  source bench/fa4_env.sh /tmp/fa4stash .fa4b || exit 1
+  RAY_TAR=/tmp/raystash/ray-cp312.tar.xz PACKED=/tmp/raystash/packed1024
+fi
+if [[ $PART == A4 ]]; then
+  nvidia-smi -L
+  $B 240 python3 -m pytest -q -rs -s tests/unit/test_model_gpu.py tests/unit/test_loss_gpu.py 2>&1 \
+      | tee "$OUT/gpu_tests.log" | grep -E "rel err|passed|failed|Error" | tail -40
+  T="python3 bench/train_step.py --compile --json-out $OUT/train_step.jsonl"
+  $B 200 $T --variants packed,padded 2>&1 | grep '^{' | cut -c1-300   # auto = fa4, fp32 residual
+  $B 100 $T --variants packed --bf16-residual 2>&1 | grep '^{' | cut -c1-300
+  $B 100 $T --variants packed --bf16-residual --backend torch_varlen 2>&1 | grep '^{' | cut -c1-300
+  $B 100 $T --variants packed --bf16-residual --median-len 100000 --sigma 0.01 2>&1 | grep '^{' | cut -c1-300
+fi
 if [[ $PART == A ]]; then
   nvidia-smi -L
   $B 200 python3 -m pytest -q -rs tests/unit/test_loss_gpu.py tests/unit/test_model_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -8
@@ -20,11 +40,11 @@ if [[ $PART == A ]]; then
   $B 150 python3 bench/train_step.py --variants packed --compile --median-len 100000 --sigma 0.01 \
       --json-out "$OUT/train_step.jsonl" 2>&1 | tail -2   # all documents 1024 tokens: like the embedded corpus
 fi
-if [[ $PART == B || $PART == C ]]; then
-  tar xJf .device/ray-cp312.tar.xz -C /tmp/site
+if [[ $PART == B || $PART == C || $PART == B4 ]]; then
+  tar xJf $RAY_TAR -C /tmp/site
 fi
-if [[ $PART == B ]]; then
-  $B 330 python3 jobs/pretrain.py --config configs/pretrain_base_1gpu.yaml --data.packed_dir .device/packed1024 \
+if [[ $PART == B || $PART == B4 ]]; then
+  $B 330 python3 jobs/pretrain.py --config configs/pretrain_base_1gpu.yaml --data.packed_dir $PACKED \
       --checkpoint.storage_path /tmp/runs --train.num_steps 150 --checkpoint.every_steps 150 \
       --logging.every_steps 10 2>&1 | tee "$OUT/pretrain.log" | grep -vE "^\(|INFO|WARNING" | tail -12
   find /tmp/runs -name metrics.jsonl -exec cp {} "$OUT/pretrain_metrics.jsonl" \;

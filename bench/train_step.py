@@ -119,7 +119,8 @@ def build(cfg: NeoBERTConfig, args, device, *, dynamic: bool = False):
     torch.manual_seed(args.seed)
     model = NeoBERTForMLM(cfg, loss_chunk_size=args.loss_chunk_size).to(device)
     if args.compile:
-        model.encoder.compile_layers(dynamic=(args.dynamic or dynamic) or None)
+        kw = {"mode": args.compile_mode} if args.compile_mode else {}
+        model.encoder.compile_layers(dynamic=(args.dynamic or dynamic) or None, **kw)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, fused=device.type == "cuda")
     return model, opt
 
@@ -244,6 +245,7 @@ def run_variant(variant: str, cfg: NeoBERTConfig, steps: list[Step], args, devic
         "variant": variant,
         "backend": model.attn_backend if variant == "packed" else "sdpa-padded",
         "compile": args.compile,
+        "compile_mode": args.compile_mode,
         "max_seqlen_mode": args.max_seqlen_mode if variant == "packed" else None,
         "tokens_per_step": args.tokens_per_step,
         "max_seq_len": args.max_seq_len,
@@ -351,9 +353,14 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="base", choices=["tiny", "small", "base"])
     p.add_argument(
-        "--backend", default="auto", help="attention backend: auto | flash_attn | torch_varlen | sdpa"
+        "--backend", default="auto", help="attention backend: auto | fa4 | flash_attn | torch_varlen | sdpa"
     )
     p.add_argument("--compile", action="store_true", help="torch.compile every encoder block")
+    p.add_argument(
+        "--compile-mode",
+        default=None,
+        help="torch.compile mode, e.g. max-autotune-no-cudagraphs (default: none)",
+    )
     p.add_argument(
         "--dynamic", action="store_true", help="compile with dynamic=True (else automatic dynamic)"
     )

@@ -47,7 +47,9 @@ class NeoBERTConfig:
     max_position_embeddings: int = 4096  # longest document (max_seqlen) the model accepts
     pad_vocab_to_multiple: int = 128  # pad embedding/decoder rows to a multiple of this (0 = off)
     tie_word_embeddings: bool = False  # share decoder.weight with encoder.embeddings.weight
-    attn_backend: str = "auto"  # "auto" | "flash_attn" | "torch_varlen" | "sdpa" (see neobert/attention.py)
+    attn_backend: str = (
+        "auto"  # "auto" | "fa4" | "flash_attn" | "torch_varlen" | "sdpa" (neobert/attention.py)
+    )
     pad_token_id: int = 0  # [PAD]; its embedding row starts at zero and never receives gradient
     initializer_range: float = 0.02  # std of the normal init (output projections scaled by 1/sqrt(2L))
     fp32_residual: bool = True  # residual stream in fp32 under autocast; False = autocast dtype (~5% faster)

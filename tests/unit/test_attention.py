@@ -13,33 +13,82 @@ from neobert.packing import PackedMeta
 
 
 @pytest.mark.parametrize(
-    ("cuda", "fa", "tv", "expected"),
+    ("cuda", "f4", "fa", "tv", "expected"),
     [
-        (True, True, True, "flash_attn"),
-        (True, False, True, "torch_varlen"),
-        (True, False, False, "sdpa"),
-        (False, True, True, "sdpa"),
-        (False, False, False, "sdpa"),
+        (True, True, True, True, "fa4"),
+        (True, True, False, False, "fa4"),
+        (True, False, True, True, "flash_attn"),
+        (True, False, False, True, "torch_varlen"),
+        (True, False, False, False, "sdpa"),
+        (False, True, True, True, "sdpa"),
+        (False, False, False, False, "sdpa"),
     ],
 )
-def test_auto_resolution(cuda: bool, fa: bool, tv: bool, expected: str) -> None:
-    got = resolve_backend("auto", cuda_available=cuda, flash_attn_available=fa, torch_varlen_available=tv)
+def test_auto_resolution(cuda: bool, f4: bool, fa: bool, tv: bool, expected: str) -> None:
+    got = resolve_backend(
+        "auto", cuda_available=cuda, fa4_available=f4, flash_attn_available=fa, torch_varlen_available=tv
+    )
     assert got == expected
 
 
-@pytest.mark.parametrize("name", ["flash_attn", "torch_varlen"])
+@pytest.mark.parametrize("name", ["fa4", "flash_attn", "torch_varlen"])
 def test_cuda_backend_on_cpu_names_the_alternative(name: str) -> None:
     with pytest.raises(ValueError, match="attn_backend='sdpa'"):
-        resolve_backend(name, cuda_available=False, flash_attn_available=True, torch_varlen_available=True)
+        resolve_backend(
+            name,
+            cuda_available=False,
+            fa4_available=True,
+            flash_attn_available=True,
+            torch_varlen_available=True,
+        )
 
 
 def test_missing_packages_name_the_fix() -> None:
-    with pytest.raises(ValueError, match="pip install flash-attn"):
+    with pytest.raises(ValueError, match="pip install flash-attn-4"):
+        resolve_backend("fa4", cuda_available=True, fa4_available=False)
+    with pytest.raises(ValueError, match=r"pip install flash-attn\)"):
         resolve_backend("flash_attn", cuda_available=True, flash_attn_available=False)
     with pytest.raises(ValueError, match="torch >= 2.10"):
         resolve_backend("torch_varlen", cuda_available=True, torch_varlen_available=False)
     with pytest.raises(ValueError, match="unknown attention backend"):
         resolve_backend("xformers")
+
+
+def test_fa4_namespace_alone_is_not_flash_attn_2(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The flash-attn-4 wheel installs `flash_attn/cute/` without `flash_attn/__init__.py`: a namespace package.
+    That must count as FA4 (when a Hopper GPU is present), never as the FA2 `flash_attn` backend whose
+    `from flash_attn import flash_attn_varlen_func` would fail at the first forward."""
+    import sys
+
+    (tmp_path / "flash_attn" / "cute").mkdir(parents=True)
+    (tmp_path / "flash_attn" / "cute" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for mod in [m for m in sys.modules if m == "flash_attn" or m.startswith("flash_attn.")]:
+        monkeypatch.delitem(sys.modules, mod)
+    assert attention._has_module("flash_attn.cute")
+    assert not attention.have_flash_attn()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    assert attention.have_fa4()
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))  # A100: no FA4 backward
+    assert not attention.have_fa4()
+
+
+def test_fa4_ops_trace_with_fake_tensors() -> None:
+    """The FA4 custom ops' fake kernels give torch.compile the right shapes without the package or a GPU:
+    forward (T,N,H) -> out (T,N,H) + lse (N,T) fp32; backward -> dq, dk, dv like q, k, v."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q = torch.empty(37, 4, 64, dtype=torch.bfloat16)
+        kv = torch.empty(37, 3, 4, 64, dtype=torch.bfloat16)  # strided k, v views, as the model passes them
+        k, v = kv[:, 1], kv[:, 2]
+        cu = torch.tensor([0, 30, 37], dtype=torch.int32)
+        out, lse = torch.ops.neobert.fa4_varlen_fwd(q, k, v, cu, 30, 0.125)
+        assert out.shape == q.shape and out.dtype == q.dtype and out.is_contiguous()
+        assert lse.shape == (4, 37) and lse.dtype == torch.float32
+        dq, dk, dv = torch.ops.neobert.fa4_varlen_bwd(out, q, k, v, out, lse, cu, 30, 0.125)
+        assert dq.shape == dk.shape == dv.shape == q.shape and dk.is_contiguous()
 
 
 def test_explicit_choice_is_kept() -> None:
@@ -68,7 +117,7 @@ def test_build_logs_once(caplog: pytest.LogCaptureFixture) -> None:
     assert sum("attention backend" in r.message for r in caplog.records) == 1
 
 
-@pytest.mark.parametrize("fn", [attention._torch_varlen, attention._flash_attn])
+@pytest.mark.parametrize("fn", [attention._fa4, attention._torch_varlen, attention._flash_attn])
 def test_cuda_kernels_reject_cpu_tensors(fn) -> None:
     if fn is attention._flash_attn and not attention.have_flash_attn():
         pytest.skip("flash-attn not installed (its import comes first)")

@@ -10,13 +10,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from neobert.attention import build_attention, have_flash_attn, sdpa_varlen
+from neobert.attention import build_attention, have_fa4, have_flash_attn, sdpa_varlen
 from neobert.model import NeoBERT, NeoBERTConfig
 from neobert.packing import PackedMeta
 
 pytestmark = pytest.mark.gpu
 
-CUDA_BACKENDS = ["torch_varlen"] + (["flash_attn"] if have_flash_attn() else [])
+CUDA_BACKENDS = (
+    ["torch_varlen"] + (["flash_attn"] if have_flash_attn() else []) + (["fa4"] if have_fa4() else [])
+)
 LENGTHS = [1, 17, 300, 64, 1024, 5, 513]  # includes a length-1 doc and non-multiples of the tile sizes
 
 
@@ -99,13 +101,14 @@ def test_model_forward_backward_matches_sdpa_bf16(backend: str, fp32_residual: b
     assert worst[0] <= 5e-2, worst
 
 
-def test_torch_varlen_under_compile_matches_eager_without_recompiles() -> None:
-    """A compiled block gives the eager result, and new doc layouts with a static max_seqlen bound and a
-    dynamic num_docs do not add graphs."""
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+def test_kernel_under_compile_matches_eager_without_recompiles(backend: str) -> None:
+    """A compiled block gives the eager result (forward, and parameter gradients on one layout), and new doc
+    layouts with a static max_seqlen bound and a dynamic num_docs do not add graphs."""
     from torch._dynamo.utils import counters
 
     cfg = NeoBERTConfig(
-        hidden_size=256, num_layers=2, num_heads=4, intermediate_size=768, attn_backend="torch_varlen"
+        hidden_size=256, num_layers=2, num_heads=4, intermediate_size=768, attn_backend=backend
     )
     torch.manual_seed(0)
     model = NeoBERT(cfg).cuda()
@@ -117,8 +120,22 @@ def test_torch_varlen_under_compile_matches_eager_without_recompiles() -> None:
         meta = PackedMeta.from_lengths(lengths, device="cuda")._replace(max_seqlen=1024)
         with torch.autocast("cuda", dtype=torch.bfloat16), torch.no_grad():
             eager.append(model(ids, meta).float())
+
+    def grads(lengths):
+        model.zero_grad(set_to_none=True)
+        meta = PackedMeta.from_lengths(lengths, device="cuda")._replace(max_seqlen=1024)
+        torch._dynamo.mark_dynamic(meta.cu_seqlens, 0)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            model(ids, meta).float().square().mean().backward()
+        return {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    eager_grads = grads(layouts[0])
     torch._dynamo.reset()
     model.compile_layers()
+    compiled_grads = grads(layouts[0])
+    worst = max((rel(compiled_grads[n], g), n) for n, g in eager_grads.items() if g.norm() > 0)
+    print(f"{backend} compiled vs eager worst grad rel err {worst[0]:.2e} ({worst[1]})")
+    assert worst[0] <= 2e-2, worst
     graphs = []
     for lengths, ref in zip(layouts, eager, strict=True):
         meta = PackedMeta.from_lengths(lengths, device="cuda")._replace(max_seqlen=1024)
