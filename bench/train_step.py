@@ -117,7 +117,9 @@ def model_flops(cfg: NeoBERTConfig, step: Step) -> float:
 
 def build(cfg: NeoBERTConfig, args, device, *, dynamic: bool = False):
     torch.manual_seed(args.seed)
-    model = NeoBERTForMLM(cfg, loss_chunk_size=args.loss_chunk_size).to(device)
+    model = NeoBERTForMLM(
+        cfg, loss_chunk_size=args.loss_chunk_size, sparse_last_layer=not args.dense_last_layer
+    ).to(device)
     if args.compile:
         kw = {"mode": args.compile_mode} if args.compile_mode else {}
         model.encoder.compile_layers(dynamic=(args.dynamic or dynamic) or None, **kw)
@@ -246,6 +248,7 @@ def run_variant(variant: str, cfg: NeoBERTConfig, steps: list[Step], args, devic
         "backend": model.attn_backend if variant == "packed" else "sdpa-padded",
         "compile": args.compile,
         "compile_mode": args.compile_mode,
+        "sparse_last_layer": not args.dense_last_layer,
         "max_seqlen_mode": args.max_seqlen_mode if variant == "packed" else None,
         "tokens_per_step": args.tokens_per_step,
         "max_seq_len": args.max_seq_len,
@@ -379,6 +382,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda")
+    p.add_argument(
+        "--dense-last-layer",
+        action="store_true",
+        help="NeoBERTForMLM(sparse_last_layer=False): last layer's FFN on every token (the old path)",
+    )
     p.add_argument("--bf16-residual", action="store_true", help="NeoBERTConfig(fp32_residual=False)")
     p.add_argument(
         "--check-syncs", action="store_true", help="count host syncs in one step (cuda sync debug)"

@@ -69,6 +69,17 @@ _USE_TRITON = True
 _FP32_BLOCK_ELEMS = 1 << 24
 
 
+class MaskedRows(NamedTuple):
+    """The masked positions of a (T,) label tensor, gathered with the loss's one host sync
+    (:meth:`MaskedLMLoss.gather_masked`). Lets a caller run work on the masked rows only (e.g. the last encoder
+    layer of `NeoBERTForMLM`) and hand the (M, D) rows to the loss without a second sync."""
+
+    idx: torch.Tensor  # (M,) int64 positions with label != -100, ascending
+    target: torch.Tensor  # (M,) int64 labels at those positions, each in [0, valid_vocab_size)
+    num_masked: torch.Tensor  # int64 0-dim on the label device (== M)
+    count: int  # M on the host
+
+
 class MLMLossOutput(NamedTuple):
     """Sum-reduced masked-LM loss and its counts (all 0-dim tensors on the input device)."""
 
@@ -284,23 +295,21 @@ class MaskedLMLoss:
         bias: torch.Tensor | None,
         labels: torch.Tensor,
         valid_vocab_size: int | None = None,
+        *,
+        masked: MaskedRows | None = None,
     ) -> MLMLossOutput:
-        return self._forward(hidden, weight, bias, labels, valid_vocab_size)
+        """hidden (T, D) with labels (T,) (-100 = not masked); or, with `masked` from :meth:`gather_masked`,
+        hidden (M, D) = exactly the masked rows in `masked.idx` order (then `labels` must be `masked.target`)."""
+        return self._forward(hidden, weight, bias, labels, valid_vocab_size, masked)
 
-    @torch.compiler.disable  # data-dependent masked count: see the module docstring
-    def _forward(
-        self,
-        hidden_TD: torch.Tensor,
-        weight_VD: torch.Tensor,
-        bias_V: torch.Tensor | None,
-        labels_T: torch.Tensor,
-        valid_vocab_size: int | None,
-    ) -> MLMLossOutput:
-        vv = _check_inputs(hidden_TD, weight_VD, bias_V, labels_T, valid_vocab_size)
-        device = hidden_TD.device
+    def gather_masked(
+        self, labels_T: torch.Tensor, valid_vocab_size: int | None, num_decoder_rows: int
+    ) -> MaskedRows:
+        """Step 1 alone: masked positions and targets of labels (T,), with the one host sync (M and the label
+        range are read together). Raises ValueError for a label outside [0, valid_vocab_size)."""
+        vv = num_decoder_rows if valid_vocab_size is None else valid_vocab_size
         mask_T = labels_T != IGNORE_INDEX
         labels_or0 = labels_T.masked_fill(~mask_T, 0)
-        # The one host sync (step 1): M sets the chunk loop; the label range is checked with it.
         num_masked = mask_T.sum()  # int64 0-dim, stays on the device
         if labels_T.numel() == 0:
             M, lo, hi = 0, 0, 0
@@ -311,13 +320,37 @@ class MaskedLMLoss:
             raise ValueError(
                 f"masked_lm_loss: labels must be {IGNORE_INDEX} (ignored) or a token id in [0, {vv}), "
                 f"found {bad}; fix the masking step, or pass valid_vocab_size=<real vocab size> "
-                f"(got {valid_vocab_size}, decoder has {weight_VD.shape[0]} rows)"
+                f"(got {valid_vocab_size}, decoder has {num_decoder_rows} rows)"
             )
         # Stable sort puts the masked positions first, in order, without a second sync.
         idx_M = torch.argsort((~mask_T).to(torch.int8), stable=True)[:M]
-        hidden_MD = hidden_TD.index_select(0, idx_M)
-        target_M = labels_T.index_select(0, idx_M).long()
-        cdtype = _compute_dtype(device.type, hidden_TD)
+        return MaskedRows(idx_M, labels_T.index_select(0, idx_M).long(), num_masked, int(M))
+
+    @torch.compiler.disable  # data-dependent masked count: see the module docstring
+    def _forward(
+        self,
+        hidden_TD: torch.Tensor,
+        weight_VD: torch.Tensor,
+        bias_V: torch.Tensor | None,
+        labels_T: torch.Tensor,
+        valid_vocab_size: int | None,
+        masked: MaskedRows | None,
+    ) -> MLMLossOutput:
+        if masked is not None and (labels_T is not masked.target or hidden_TD.shape[0] != masked.count):
+            raise ValueError(
+                f"masked_lm_loss: with masked=MaskedRows(...) pass hidden = the {masked.count} masked rows "
+                f"(got {hidden_TD.shape[0]}) and labels = masked.target"
+            )
+        vv = _check_inputs(hidden_TD, weight_VD, bias_V, labels_T, valid_vocab_size)
+        device = hidden_TD.device
+        if masked is None:
+            # The one host sync (step 1): M sets the chunk loop; the label range is checked with it.
+            masked = self.gather_masked(labels_T, valid_vocab_size, weight_VD.shape[0])
+            hidden_MD = hidden_TD.index_select(0, masked.idx)
+        else:
+            hidden_MD = hidden_TD
+        M, target_M, num_masked = masked.count, masked.target, masked.num_masked
+        cdtype = _compute_dtype(device.type, hidden_MD)
 
         use_liger = self.backend == "liger" and M > 0
         # liger computes grad_W only when its input requires grad: a frozen encoder with a trainable

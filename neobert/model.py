@@ -186,14 +186,24 @@ class NeoBERTBlock(nn.Module):
         return x + swiglu(self.ffn_norm(x), self.w_in, self.w_out)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: PackedMeta | torch.Tensor
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        layout: PackedMeta | torch.Tensor,
+        rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Packed: x (T, D), cos/sin (T, H), layout = PackedMeta.
         Padded: x (B, S, D), cos/sin (B, S, H), layout = attention_mask (B, S) bool.
-        One `forward` for both so that `compile_layers` covers both paths (one graph per layout)."""
+        One `forward` for both so that `compile_layers` covers both paths (one graph per layout).
+        `rows` (M,) (packed only): every token still serves as a key/value, but only these rows continue
+        after attention (out_proj, FFN), and the block returns (M, D): exact for those rows, ~70% of the
+        block's work skipped for the others."""
         q, k, v = self._qkv(x, cos, sin)  # (T, N, H) | (B, S, N, H)
         if isinstance(layout, PackedMeta):
             attn = self.attn_fn(q, k, v, layout, self.scale)  # (T, N, H)
+            if rows is not None:
+                x, attn = x.index_select(0, rows), attn.index_select(0, rows)  # (M, D), (M, N, H)
         else:
             q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, N, S, H)
             attn = padded_attention(q, k, v, layout, self.scale).transpose(1, 2)  # (B, S, N, H)
@@ -245,8 +255,13 @@ class NeoBERT(nn.Module):
             x = x.to(torch.get_autocast_dtype(dev))  # the whole residual stream follows this dtype
         return x
 
-    def forward(self, input_ids: torch.Tensor, meta: PackedMeta) -> torch.Tensor:
-        """input_ids (T,), meta: PackedMeta -> hidden (T, D). Value checks of `meta` run when it is on the CPU."""
+    def forward(
+        self, input_ids: torch.Tensor, meta: PackedMeta, output_rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """input_ids (T,), meta: PackedMeta -> hidden (T, D). Value checks of `meta` run when it is on the CPU.
+
+        `output_rows` (M,) int64: return only these rows' hidden states, (M, D) = `hidden[output_rows]`; the
+        last layer then runs its out_proj/FFN on those rows only (all tokens are still attended to)."""
         if input_ids.ndim != 1:
             raise ValueError(
                 f"packed forward takes input_ids of shape (T,), got {tuple(input_ids.shape)}; "
@@ -258,9 +273,14 @@ class NeoBERT(nn.Module):
             validate_packed_meta(meta, input_ids.shape[0], max_position=self.config.max_position_embeddings)
         x = self._embed(input_ids)  # (T, D)
         cos, sin = self.rotary(meta.position_ids)  # (T, H) each
-        for layer in self.layers:
+        *body, last = self.layers
+        for layer in body:
             x = layer(x, cos, sin, meta)
-        return self.final_norm(x)
+        if output_rows is None:
+            return self.final_norm(last(x, cos, sin, meta))  # (T, D)
+        # the number of rows changes every step: one symbolic size for torch.compile, not a graph per M
+        torch._dynamo.maybe_mark_dynamic(output_rows, 0)
+        return self.final_norm(last(x, cos, sin, meta, output_rows))  # (M, D)
 
     def forward_padded(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """input_ids (B, S), attention_mask (B, S) with 1 = token, 0 = padding -> hidden (B, S, D).
@@ -293,8 +313,18 @@ class NeoBERT(nn.Module):
 class NeoBERTForMLM(nn.Module):
     """Encoder + vocabulary projection + chunked masked-LM loss (`neobert.loss.MaskedLMLoss`)."""
 
-    def __init__(self, cfg: NeoBERTConfig, loss_chunk_size: int = 2048, loss_backend: str = "auto") -> None:
+    def __init__(
+        self,
+        cfg: NeoBERTConfig,
+        loss_chunk_size: int = 2048,
+        loss_backend: str = "auto",
+        sparse_last_layer: bool = True,
+    ) -> None:
+        """`sparse_last_layer`: in the packed `forward`, run the last layer's out_proj/FFN (and the final norm)
+        on the masked tokens only, the only rows the loss reads. Same loss and gradients (tested against the
+        dense path); ~2% faster for `base` at 20% masking. The padded path is always dense."""
         super().__init__()
+        self.sparse_last_layer = sparse_last_layer
         from neobert.loss import MaskedLMLoss  # imported here so the encoder alone does not need it
 
         self.config = cfg
@@ -315,8 +345,20 @@ class NeoBERTForMLM(nn.Module):
         """input_ids (T,), meta, labels (T,) with -100 at unmasked tokens -> MLMLossOutput (summed loss)."""
         if labels.shape != input_ids.shape:
             raise ValueError(f"labels {tuple(labels.shape)} must match input_ids {tuple(input_ids.shape)}")
-        hidden = self.encoder(input_ids, meta)  # (T, D)
-        return self._loss(hidden, labels)
+        if not self.sparse_last_layer or labels.ndim != 1:
+            hidden = self.encoder(input_ids, meta)  # (T, D)
+            return self._loss(hidden, labels)
+        # One host sync (the loss's): masked positions first, then the encoder returns only those rows.
+        masked = self.loss_fn.gather_masked(labels, self.config.vocab_size, self.decoder.weight.shape[0])
+        hidden_MD = self.encoder(input_ids, meta, output_rows=masked.idx)  # (M, D)
+        return self.loss_fn(
+            hidden_MD,
+            self.decoder.weight,
+            self.decoder.bias,
+            masked.target,
+            valid_vocab_size=self.config.vocab_size,
+            masked=masked,
+        )
 
     def forward_padded(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor):
         """input_ids/attention_mask/labels (B, S) -> MLMLossOutput; labels must be -100 at padding."""

@@ -334,3 +334,24 @@ def test_liger_adapter_with_fake_liger(monkeypatch, with_accuracy):
     (g_w,) = torch.autograd.grad(frozen.loss_sum, [weight])
     ref_frozen, _, _ = _reference(hidden.detach(), weight, b, labels, vv)
     _assert_close("grad_weight (frozen encoder, liger backend)", g_w, _grads(ref_frozen, [weight])[0])
+
+
+def test_pre_gathered_rows_skip_the_gather_and_are_checked() -> None:
+    """`masked=` hands the loss the already-gathered (M, D) rows: same result as the (T, D) call, and a
+    mismatch between rows and MaskedRows is refused with the fix."""
+    torch.manual_seed(0)
+    T, D, V = 40, 16, 50
+    hidden = torch.randn(T, D)
+    w, b = torch.randn(V, D), torch.randn(V)
+    labels = torch.full((T,), -100)
+    labels[::4] = torch.randint(0, V, (10,))
+    fn = MaskedLMLoss(chunk_size=4, backend="torch")
+    ref = fn(hidden, w, b, labels)
+    masked = fn.gather_masked(labels, None, V)
+    assert masked.count == 10 and masked.idx.tolist() == list(range(0, T, 4))
+    got = fn(hidden[masked.idx], w, b, masked.target, masked=masked)
+    assert torch.allclose(got.loss_sum, ref.loss_sum) and int(got.num_correct) == int(ref.num_correct)
+    with pytest.raises(ValueError, match="masked rows"):
+        fn(hidden, w, b, masked.target, masked=masked)
+    with pytest.raises(ValueError, match=r"\[0, 50\)"):
+        fn.gather_masked(torch.tensor([-100, 50]), None, V)

@@ -274,3 +274,44 @@ def test_fp32_residual_switch(cfg: NeoBERTConfig) -> None:
             ha, hb = a(ids, meta), b(ids, meta)
     assert (ha.dtype, hb.dtype) == (torch.float32, torch.bfloat16)
     assert ((hb.float() - ha).norm() / ha.norm()).item() < 5e-2
+
+
+@pytest.mark.parametrize("every", [3, 1, 0])  # some tokens masked, all masked, none masked
+def test_sparse_last_layer_equals_dense(cfg: NeoBERTConfig, every: int) -> None:
+    """NeoBERTForMLM's default packed forward runs the last layer's out_proj/FFN on the masked rows only;
+    loss, counts and every parameter gradient must equal the dense path (fp32, same weights)."""
+    torch.manual_seed(0)
+    dense = NeoBERTForMLM(cfg, loss_backend="torch", sparse_last_layer=False)
+    sparse = NeoBERTForMLM(cfg, loss_backend="torch")
+    sparse.load_state_dict(dense.state_dict())
+    assert sparse.sparse_last_layer and not dense.sparse_last_layer
+    ids = ids_for(cfg, sum(LENGTHS), seed=3)
+    labels = torch.full_like(ids, -100)
+    if every:
+        labels[1::every] = ids[1::every]
+    meta = PackedMeta.from_lengths(LENGTHS)
+    outs = []
+    for m in (dense, sparse):
+        out = m(ids, meta, labels)
+        out.loss_sum.backward()
+        outs.append((out, {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}))
+    (od, gd), (os_, gs) = outs
+    assert int(od.num_masked) == int(os_.num_masked) == int((labels != -100).sum())
+    assert int(od.num_correct) == int(os_.num_correct)
+    assert (od.loss_sum - os_.loss_sum).abs().item() <= 1e-4
+    assert gd.keys() == gs.keys()
+    worst = max((g - gs[n]).abs().max().item() for n, g in gd.items())
+    print(
+        f"sparse vs dense last layer (every={every}): loss diff {(od.loss_sum - os_.loss_sum).abs().item():.2e}, max grad diff {worst:.2e}"
+    )
+    assert worst <= TOL
+
+
+def test_output_rows_select_hidden_states(cfg: NeoBERTConfig, model: NeoBERT) -> None:
+    ids = ids_for(cfg, sum(LENGTHS))
+    meta = PackedMeta.from_lengths(LENGTHS)
+    rows = torch.tensor([0, 4, 5, 20, 27])
+    with torch.no_grad():
+        full, part = model(ids, meta), model(ids, meta, output_rows=rows)
+    assert part.shape == (5, cfg.hidden_size)
+    assert (part - full[rows]).abs().max().item() <= TOL
