@@ -23,12 +23,13 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere / ray job submit
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as a script from anywhere / ray job submit
 
 from neobert.config_io import load_config  # noqa: E402
 from pipelines import contrastive_train as ct  # noqa: E402
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "contrastive.yaml"
+DEFAULT_CONFIG = REPO / "configs" / "contrastive.yaml"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,15 +58,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"contrastive: error: {e}", file=sys.stderr)
         return 2
 
-    import ray
+    from pipelines.ray_session import init_ray
 
-    address = args.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)  # `ray job submit` / an existing cluster: no resource arguments allowed
-    else:  # >= 4 logical CPUs so Train workers and Ray Data tasks fit together on a small box
-        ray.init(
-            address="local", num_cpus=max(4, os.cpu_count() or 1)
-        )  # dashboard on: Train polls its state API
+    # >= 4 logical CPUs locally so Train workers and Ray Data tasks fit together; dashboard on (Train's state API)
+    init_ray(args.address, REPO, local_num_cpus=max(4, os.cpu_count() or 1))
     try:
         if not cfg.data.input_dir:  # the embedded sources, validated on first use
             cfg.data.input_dir = str(ct.ensure_validated("").resolve())

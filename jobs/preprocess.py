@@ -15,11 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout / `--working-dir .`
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from a checkout / `--working-dir .`
 
 from neobert.config_io import load_config  # noqa: E402
 from pipelines.preprocess import PreprocessConfig, run_preprocess  # noqa: E402
@@ -50,13 +50,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg.input = list(args.input)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    import ray
+    from pipelines.ray_session import init_ray
 
-    address = args.address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)  # `ray job submit` / an existing cluster: no resource arguments allowed
-    else:
-        ray.init(address="local", include_dashboard=False)
+    init_ray(args.address, REPO, include_dashboard=False)
     report = run_preprocess(cfg)
     summary = {k: report[k] for k in ("documents", "segments", "tokens", "packs", "fill_ratio", "elapsed_s")}
     summary["skipped_rows"] = report["skipped_rows"]["by_reason"]

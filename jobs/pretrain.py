@@ -34,19 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = parser.parse_known_args(argv)
     cfg = load_pretrain_config(args.config, overrides)
 
-    import ray
+    from pipelines.ray_session import init_ray
 
-    if os.environ.get("RAY_ADDRESS") and not args.address:
-        ray.init()  # under `ray job submit`: the job's runtime env (working dir) already reaches the workers
-    elif args.address:
-        ray.init(address=args.address, runtime_env={"working_dir": str(REPO)})  # ship the code to the cluster
-    else:
-        # Local instance: its workers inherit this environment, so the checkout is importable even when the
-        # package is not installed; >= 4 logical CPUs so Train workers and Ray Data tasks fit on small boxes.
-        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
-        ray.init(
-            address="local", num_cpus=max(4, os.cpu_count() or 1)
-        )  # dashboard if installed: Train uses its state API
+    # >= 4 logical CPUs locally so Train workers and Ray Data tasks fit on small boxes; the dashboard (if
+    # installed) stays on: Train uses its state API.
+    init_ray(args.address, REPO, local_num_cpus=max(4, os.cpu_count() or 1))
 
     try:
         result = build_trainer(cfg).fit()  # Ray Train V2 raises when the run fails for good
