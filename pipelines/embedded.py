@@ -50,7 +50,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 # Bump when the output of any builder changes: it is part of the cache key, so old caches are not reused.
-CODE_VERSION = "embedded-2"
+CODE_VERSION = "embedded-3"  # 3: triples the contrastive validator would reject are skipped at build time
 CACHE_ENV = "NEOBERT_CACHE_DIR"
 MANIFEST_NAME = "manifest.json"
 
@@ -533,10 +533,32 @@ def wiki_mlm_rows(articles: list[WikiArticle]) -> list[dict]:
     ]
 
 
+def _keep_triple(query: str, positive: str, negative: str, seen: set[bytes], skipped: Counter) -> bool:
+    """Skip (and count) a triple that `validate_contrastive` would reject, with its rules (NFC, whitespace
+    collapsed, case-folded): positive == query, negative == positive, or a (query, positive) pair seen before.
+    The embedded sources then validate with 0 rejected rows."""
+    from pipelines.contrastive_data import compare_key, normalize_text, pair_key
+
+    q, p, n = (compare_key(normalize_text(t)) for t in (query, positive, negative))
+    if p == q:
+        skipped["positive_equals_query"] += 1
+        return False
+    if n == p:
+        skipped["negative_equals_positive"] += 1
+        return False
+    key = pair_key(normalize_text(query), normalize_text(positive))
+    if key in seen:
+        skipped["duplicate_pair"] += 1
+        return False
+    seen.add(key)
+    return True
+
+
 def wiki_section_triples(articles: list[WikiArticle], skipped: Counter) -> list[dict]:
     """ "Title: Section" -> the section's first prose paragraph -> the first prose paragraph of the next section
     (cyclically) of the same article: adjacent sections are on related topics, which makes the negative hard."""
     rows = []
+    pairs: set[bytes] = set()
     for a in articles:
         usable = [s for s in a.sections if s.prose_first]
         skipped["section_without_prose_paragraph"] += sum(
@@ -555,8 +577,7 @@ def wiki_section_triples(articles: list[WikiArticle], skipped: Counter) -> list[
                 continue
             seen.add(query)
             negative = usable[(i + 1) % len(usable)].prose_first
-            if negative == s.prose_first:
-                skipped["negative_equals_positive"] += 1
+            if not _keep_triple(query, s.prose_first, negative, pairs, skipped):
                 continue
             rows.append({"query": query, "corpus": s.prose_first, "negative": negative})
     return rows
@@ -613,8 +634,10 @@ def bible_book_rows(bible: BibleText, source: str, id_prefix: str) -> list[dict]
 
 def bible_triples(kjv: BibleText, web: BibleText, skipped: Counter) -> list[dict]:
     """KJV verse -> the same verse in WEB -> the next WEB verse of the same chapter (the previous one for a
-    chapter's last verse). Verses absent or empty in either translation are skipped and counted."""
+    chapter's last verse). Verses absent or empty in either translation, and triples the contrastive validator would
+    reject (`_keep_triple`), are skipped and counted."""
     rows = []
+    pairs: set[bytes] = set()
     for vid, query in kjv.verses.items():
         positive = web.verses.get(vid)
         if positive is None:
@@ -628,8 +651,7 @@ def bible_triples(kjv: BibleText, web: BibleText, skipped: Counter) -> list[dict
         if not negative:
             skipped["verse_without_neighbour"] += 1
             continue
-        if negative == positive:
-            skipped["negative_equals_positive"] += 1
+        if not _keep_triple(query, positive, negative, pairs, skipped):
             continue
         rows.append({"query": query, "corpus": positive, "negative": negative})
     skipped["verse_missing_in_kjv"] += sum(1 for vid in web.verses if vid not in kjv.verses)

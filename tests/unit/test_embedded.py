@@ -170,8 +170,14 @@ def test_counts_and_manifest(data: emb.EmbeddedData):
     assert files["mlm/web_bible.jsonl"]["rows"] == 66
     verses = files["contrastive/bible_kjv_web.jsonl"]
     # 31102 verses in each; Romans' closing doxology is 14:24-26 in WEB and 16:25-27 in KJV.
-    assert verses["rows"] == 31099
-    assert verses["skipped"] == {"verse_missing_in_kjv": 3, "verse_missing_in_web": 3}
+    # 31099 aligned verses, minus those the contrastive validator would reject (counted, not dropped silently)
+    assert verses["rows"] == 30408
+    assert verses["skipped"] == {
+        "verse_missing_in_kjv": 3,
+        "verse_missing_in_web": 3,
+        "positive_equals_query": 479,
+        "duplicate_pair": 212,
+    }
     assert files["contrastive/wiki_sections.jsonl"]["rows"] > 1000
     for rel, info in files.items():
         blob = (data.root / rel).read_bytes()
@@ -232,7 +238,7 @@ def test_reuse_is_fast_and_does_not_reparse(data: emb.EmbeddedData, monkeypatch,
     assert time.perf_counter() - t0 < 2.0  # ~0.05 s unloaded; the monkeypatch proves nothing is re-parsed
     assert again == data
     assert {p: p.stat().st_mtime_ns for p in data.root.rglob("*")} == before
-    assert "bible_kjv_web=31099" in capsys.readouterr().err
+    assert "bible_kjv_web=30408" in capsys.readouterr().err
 
 
 def test_crash_leaves_no_partial_cache(tmp_path, monkeypatch):
@@ -293,3 +299,14 @@ def test_tokenizer_on_embedded_text(data: emb.EmbeddedData):
     ids = tok.encode(row["text"][:2000]).ids
     unk_fraction = ids.count(UNK_ID) / len(ids)
     assert len(ids) > 300 and unk_fraction < 0.01, unk_fraction
+
+
+def test_embedded_contrastive_sources_validate_without_rejections(tmp_path):
+    """The builder skips (and counts) what the contrastive validator would reject, with the validator's own
+    rules, so validating the embedded sources rejects nothing."""
+    from pipelines.contrastive_data import ValidateContrastiveConfig, validate_contrastive
+
+    report = validate_contrastive(ValidateContrastiveConfig(output=str(tmp_path / "v")), engine="local")
+    assert report["sources"], report
+    for name, s in report["sources"].items():
+        assert s["rows_read"] > 1000 and s["rejected"] == 0, (name, s["reasons"])
