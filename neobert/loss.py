@@ -307,6 +307,11 @@ class MaskedLMLoss:
     ) -> MaskedRows:
         """Step 1 alone: masked positions and targets of labels (T,), with the one host sync (M and the label
         range are read together). Raises ValueError for a label outside [0, valid_vocab_size)."""
+        if labels_T.dim() != 1 or labels_T.dtype not in (torch.int64, torch.int32, torch.int16):
+            raise ValueError(
+                f"masked_lm_loss: labels must be a (T,) integer tensor ({IGNORE_INDEX} = not masked), got "
+                f"{labels_T.dtype} {tuple(labels_T.shape)}"
+            )
         vv = num_decoder_rows if valid_vocab_size is None else valid_vocab_size
         mask_T = labels_T != IGNORE_INDEX
         labels_or0 = labels_T.masked_fill(~mask_T, 0)

@@ -47,9 +47,7 @@ class NeoBERTConfig:
     max_position_embeddings: int = 4096  # longest document (max_seqlen) the model accepts
     pad_vocab_to_multiple: int = 128  # pad embedding/decoder rows to a multiple of this (0 = off)
     tie_word_embeddings: bool = False  # share decoder.weight with encoder.embeddings.weight
-    attn_backend: str = (
-        "auto"  # "auto" | "fa4" | "flash_attn" | "torch_varlen" | "sdpa" (neobert/attention.py)
-    )
+    attn_backend: str = "auto"  # "auto" | "fa4" | "flash_attn" | "torch_varlen" | "sdpa" (attention.py)
     pad_token_id: int = 0  # [PAD]; its embedding row starts at zero and never receives gradient
     initializer_range: float = 0.02  # std of the normal init (output projections scaled by 1/sqrt(2L))
     fp32_residual: bool = True  # residual stream in fp32 under autocast; False = autocast dtype (~5% faster)
@@ -205,6 +203,10 @@ class NeoBERTBlock(nn.Module):
             if rows is not None:
                 x, attn = x.index_select(0, rows), attn.index_select(0, rows)  # (M, D), (M, N, H)
         else:
+            if rows is not None:
+                raise ValueError(
+                    "NeoBERTBlock: `rows` selects rows of a packed (T, D) stream; the padded path has none"
+                )
             q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, N, S, H)
             attn = padded_attention(q, k, v, layout, self.scale).transpose(1, 2)  # (B, S, N, H)
         x = x + self.out_proj(attn.flatten(-2))

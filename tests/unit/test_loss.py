@@ -355,3 +355,5 @@ def test_pre_gathered_rows_skip_the_gather_and_are_checked() -> None:
         fn(hidden, w, b, masked.target, masked=masked)
     with pytest.raises(ValueError, match=r"\[0, 50\)"):
         fn.gather_masked(torch.tensor([-100, 50]), None, V)
+    with pytest.raises(ValueError, match="integer tensor"):
+        fn.gather_masked(torch.tensor([-100.0, 5.0]), None, V)

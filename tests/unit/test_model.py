@@ -315,3 +315,7 @@ def test_output_rows_select_hidden_states(cfg: NeoBERTConfig, model: NeoBERT) ->
         full, part = model(ids, meta), model(ids, meta, output_rows=rows)
     assert part.shape == (5, cfg.hidden_size)
     assert (part - full[rows]).abs().max().item() <= TOL
+    block, x = model.layers[0], torch.zeros(2, 4, cfg.hidden_size)
+    cos, sin = model.rotary(torch.arange(4).expand(2, 4))
+    with pytest.raises(ValueError, match="padded path"):
+        block(x, cos, sin, torch.ones(2, 4, dtype=torch.bool), rows)
