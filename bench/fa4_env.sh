@@ -6,6 +6,7 @@
 # PYTHONPATH.
 fa4_site=/tmp/fa4site
 if [ ! -f "$fa4_site/.ok" ]; then
+  rm -rf "$fa4_site"  # a failed earlier attempt: start clean (pip --target skips what is already there)
   fa4_whl=/tmp/nvidia_cutlass_dsl_libs_cu13-4.8.1-cp312-cp312-manylinux_2_28_x86_64.whl
   cat "$1"/cu13.whl.part.* "$2"/cu13.whl.part.* > "$fa4_whl" &&
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$fa4_site" \

@@ -15,6 +15,8 @@ the longest one in the micro-batch (dynamic padding), with gradient accumulation
 MFU counts model FLOPs of the non-padding tokens only: 6 * tokens * (encoder linear params) + 6 * masked *
 (decoder params) + 12 * layers * hidden * sum(doc_len^2) (attention matmuls, fwd + bwd), over 989 TFLOP/s
 (H100 SXM dense bf16). Flags: see `--help`. Prints one JSON line per result (and appends it to `--json-out`).
+The packed variant uses NeoBERTForMLM's default sparse last layer (~2% less work); the padded path is always
+dense, so pass `--dense-last-layer` for a like-for-like packed/padded ratio.
 """
 
 from __future__ import annotations

@@ -22,6 +22,8 @@ Tests force a backend with `force_backend("sdpa")` (a context manager) or `NeoBE
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib
 import importlib.util
 import logging
 import warnings
@@ -72,10 +74,28 @@ def have_flash_attn() -> bool:
 
 
 def have_fa4() -> bool:
-    """FlashAttention-4's CuTe kernels (`flash-attn-4`) importable and a GPU of compute capability >= 9.0."""
+    """FlashAttention-4's CuTe kernels (`flash-attn-4`) importable and a GPU of compute capability >= 9.0.
+
+    The package is really imported (once): files present but a CuTe-DSL runtime that does not load (missing or
+    mismatched `nvidia-cutlass-dsl` libs) count as "not available", with a warning, so `auto` falls back to
+    the next backend instead of failing at the first forward."""
     if not _has_module("flash_attn.cute"):
         return False
-    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= FA4_MIN_CAPABILITY
+    if not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= FA4_MIN_CAPABILITY):
+        return False
+    return _fa4_imports()
+
+
+@functools.cache
+def _fa4_imports() -> bool:
+    try:
+        importlib.import_module("flash_attn.cute.interface")
+    except Exception as e:  # ImportError, or the CuTe runtime failing to load its shared libraries
+        log.warning(
+            "flash_attn.cute is installed but does not import (%s: %s); FA4 not used", type(e).__name__, e
+        )
+        return False
+    return True
 
 
 def have_torch_varlen() -> bool:
@@ -98,7 +118,12 @@ def resolve_backend(
     cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
     fa = have_flash_attn() if flash_attn_available is None else flash_attn_available
     tv = have_torch_varlen() if torch_varlen_available is None else torch_varlen_available
-    f4 = (cuda and have_fa4()) if fa4_available is None else fa4_available
+    if fa4_available is not None:
+        f4 = fa4_available
+    else:  # probing FA4 initializes CUDA (device capability): only when FA4 could be the answer
+        f4 = (
+            cuda and (requested == "fa4" or (requested == "auto" and _forced in (None, "fa4"))) and have_fa4()
+        )
     if requested == "auto":
         if _forced is not None:
             requested = _forced

@@ -281,6 +281,7 @@ class NeoBERT(nn.Module):
         if output_rows is None:
             return self.final_norm(last(x, cos, sin, meta))  # (T, D)
         # the number of rows changes every step: one symbolic size for torch.compile, not a graph per M
+        # (M = 0 and M = 1 still get one specialized graph each, as any size 0/1 does)
         torch._dynamo.maybe_mark_dynamic(output_rows, 0)
         return self.final_norm(last(x, cos, sin, meta, output_rows))  # (M, D)
 

@@ -62,9 +62,14 @@ def test_fa4_namespace_alone_is_not_flash_attn_2(tmp_path, monkeypatch: pytest.M
 
     (tmp_path / "flash_attn" / "cute").mkdir(parents=True)
     (tmp_path / "flash_attn" / "cute" / "__init__.py").write_text("")
+    (tmp_path / "flash_attn" / "cute" / "interface.py").write_text("")
     monkeypatch.syspath_prepend(str(tmp_path))
     for mod in [m for m in sys.modules if m == "flash_attn" or m.startswith("flash_attn.")]:
         monkeypatch.delitem(sys.modules, mod)
+    attention._fa4_imports.cache_clear()
+    monkeypatch.setattr(
+        attention, "_fa4_imports", attention._fa4_imports.__wrapped__
+    )  # no cache across tests
     assert attention._has_module("flash_attn.cute")
     assert not attention.have_flash_attn()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -170,3 +175,30 @@ def test_sdpa_varlen_keeps_documents_apart() -> None:
     b = sdpa_varlen(q, k2, v2, meta, 0.5)
     assert torch.equal(a[:5], b[:5]) and torch.equal(a[11:], b[11:])
     assert not torch.allclose(a[5:11], b[5:11])
+
+
+def test_fa4_that_does_not_import_is_not_available(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Files present but the package failing to import (e.g. a CuTe runtime that does not load) -> `auto` must
+    not pick fa4; and explicit non-FA4 requests never probe FA4 (which would initialize CUDA)."""
+    import sys
+
+    (tmp_path / "flash_attn" / "cute").mkdir(parents=True)
+    (tmp_path / "flash_attn" / "cute" / "__init__.py").write_text("")
+    (tmp_path / "flash_attn" / "cute" / "interface.py").write_text("raise OSError('libcute_dsl_runtime.so')")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for mod in [m for m in sys.modules if m == "flash_attn" or m.startswith("flash_attn.")]:
+        monkeypatch.delitem(sys.modules, mod)
+    monkeypatch.setattr(
+        attention, "_fa4_imports", attention._fa4_imports.__wrapped__
+    )  # no cache across tests
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    assert not attention.have_fa4()
+    assert resolve_backend("auto", cuda_available=True, torch_varlen_available=True) == "torch_varlen"
+
+    def boom(*a):
+        raise AssertionError("FA4 probed for an explicit non-FA4 backend")
+
+    monkeypatch.setattr(attention, "have_fa4", boom)
+    assert resolve_backend("sdpa", cuda_available=True) == "sdpa"
+    assert resolve_backend("torch_varlen", cuda_available=True, torch_varlen_available=True) == "torch_varlen"
