@@ -115,19 +115,15 @@ def resolve_backend(
     fa4_available: bool | None = None,
 ) -> str:
     """The backend name `requested` resolves to on this machine. The keyword flags override detection (tests)."""
+    if requested == "auto" and _forced is not None:
+        requested = _forced
     cuda = torch.cuda.is_available() if cuda_available is None else cuda_available
     fa = have_flash_attn() if flash_attn_available is None else flash_attn_available
     tv = have_torch_varlen() if torch_varlen_available is None else torch_varlen_available
-    if fa4_available is not None:
-        f4 = fa4_available
-    else:  # probing FA4 initializes CUDA (device capability): only when FA4 could be the answer
-        f4 = (
-            cuda and (requested == "fa4" or (requested == "auto" and _forced in (None, "fa4"))) and have_fa4()
-        )
+    # probing FA4 initializes CUDA (device capability): only when FA4 could be the answer
+    f4 = fa4_available if fa4_available is not None else cuda and requested in ("auto", "fa4") and have_fa4()
     if requested == "auto":
-        if _forced is not None:
-            requested = _forced
-        elif cuda and f4:
+        if cuda and f4:
             return "fa4"
         elif cuda and fa:
             return "flash_attn"

@@ -54,26 +54,30 @@ def test_missing_packages_name_the_fix() -> None:
         resolve_backend("xformers")
 
 
-def test_fa4_namespace_alone_is_not_flash_attn_2(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The flash-attn-4 wheel installs `flash_attn/cute/` without `flash_attn/__init__.py`: a namespace package.
-    That must count as FA4 (when a Hopper GPU is present), never as the FA2 `flash_attn` backend whose
-    `from flash_attn import flash_attn_varlen_func` would fail at the first forward."""
+def _fake_fa4_package(tmp_path, monkeypatch: pytest.MonkeyPatch, interface_src: str) -> None:
+    """A `flash_attn/cute/` namespace package (no `flash_attn/__init__.py`, like the flash-attn-4 wheel) on
+    sys.path, whose `interface` module runs `interface_src`; a Hopper GPU is faked and the import probe
+    is not cached across tests."""
     import sys
 
     (tmp_path / "flash_attn" / "cute").mkdir(parents=True)
     (tmp_path / "flash_attn" / "cute" / "__init__.py").write_text("")
-    (tmp_path / "flash_attn" / "cute" / "interface.py").write_text("")
+    (tmp_path / "flash_attn" / "cute" / "interface.py").write_text(interface_src)
     monkeypatch.syspath_prepend(str(tmp_path))
     for mod in [m for m in sys.modules if m == "flash_attn" or m.startswith("flash_attn.")]:
         monkeypatch.delitem(sys.modules, mod)
-    attention._fa4_imports.cache_clear()
-    monkeypatch.setattr(
-        attention, "_fa4_imports", attention._fa4_imports.__wrapped__
-    )  # no cache across tests
-    assert attention._has_module("flash_attn.cute")
-    assert not attention.have_flash_attn()
+    monkeypatch.setattr(attention, "_fa4_imports", attention._fa4_imports.__wrapped__)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+
+
+def test_fa4_namespace_alone_is_not_flash_attn_2(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The flash-attn-4 wheel installs `flash_attn/cute/` without `flash_attn/__init__.py`: a namespace package.
+    That must count as FA4 (when a Hopper GPU is present), never as the FA2 `flash_attn` backend whose
+    `from flash_attn import flash_attn_varlen_func` would fail at the first forward."""
+    _fake_fa4_package(tmp_path, monkeypatch, "")
+    assert attention._has_module("flash_attn.cute")
+    assert not attention.have_flash_attn()
     assert attention.have_fa4()
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))  # A100: no FA4 backward
     assert not attention.have_fa4()
@@ -180,19 +184,7 @@ def test_sdpa_varlen_keeps_documents_apart() -> None:
 def test_fa4_that_does_not_import_is_not_available(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Files present but the package failing to import (e.g. a CuTe runtime that does not load) -> `auto` must
     not pick fa4; and explicit non-FA4 requests never probe FA4 (which would initialize CUDA)."""
-    import sys
-
-    (tmp_path / "flash_attn" / "cute").mkdir(parents=True)
-    (tmp_path / "flash_attn" / "cute" / "__init__.py").write_text("")
-    (tmp_path / "flash_attn" / "cute" / "interface.py").write_text("raise OSError('libcute_dsl_runtime.so')")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    for mod in [m for m in sys.modules if m == "flash_attn" or m.startswith("flash_attn.")]:
-        monkeypatch.delitem(sys.modules, mod)
-    monkeypatch.setattr(
-        attention, "_fa4_imports", attention._fa4_imports.__wrapped__
-    )  # no cache across tests
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    _fake_fa4_package(tmp_path, monkeypatch, "raise OSError('libcute_dsl_runtime.so')")
     assert not attention.have_fa4()
     assert resolve_backend("auto", cuda_available=True, torch_varlen_available=True) == "torch_varlen"
 
