@@ -307,11 +307,12 @@ class MaskedLMLoss:
     ) -> MaskedRows:
         """Step 1 alone: masked positions and targets of labels (T,), with the one host sync (M and the label
         range are read together). Raises ValueError for a label outside [0, valid_vocab_size)."""
-        if labels_T.dim() != 1 or labels_T.dtype not in (torch.int64, torch.int32, torch.int16):
+        if labels_T.dim() != 1:
             raise ValueError(
-                f"masked_lm_loss: labels must be a (T,) integer tensor ({IGNORE_INDEX} = not masked), got "
-                f"{labels_T.dtype} {tuple(labels_T.shape)}"
+                f"masked_lm_loss: labels must be (T,), got {tuple(labels_T.shape)}; pass one label per packed "
+                f"token ({IGNORE_INDEX} = not masked)"
             )
+        _check_label_dtype(labels_T)
         vv = num_decoder_rows if valid_vocab_size is None else valid_vocab_size
         mask_T = labels_T != IGNORE_INDEX
         labels_or0 = labels_T.masked_fill(~mask_T, 0)
@@ -413,6 +414,11 @@ def _count_correct(
     return correct
 
 
+def _check_label_dtype(labels: torch.Tensor) -> None:
+    if labels.dtype not in (torch.int64, torch.int32, torch.int16):
+        raise ValueError(f"masked_lm_loss: labels must be an integer tensor, got {labels.dtype}")
+
+
 def _check_inputs(hidden, weight, bias, labels, valid_vocab_size) -> int:
     """Shape/dtype checks that need no device sync; returns the effective valid vocab size."""
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
@@ -425,8 +431,7 @@ def _check_inputs(hidden, weight, bias, labels, valid_vocab_size) -> int:
             f"masked_lm_loss: labels must be (T,) = ({hidden.shape[0]},) matching hidden, got "
             f"{tuple(labels.shape)}; pass one label per packed token ({IGNORE_INDEX} = not masked)"
         )
-    if labels.dtype not in (torch.int64, torch.int32, torch.int16):
-        raise ValueError(f"masked_lm_loss: labels must be an integer tensor, got {labels.dtype}")
+    _check_label_dtype(labels)
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(
             f"masked_lm_loss: bias must be (V,) = ({weight.shape[0]},) like the decoder rows, got {tuple(bias.shape)}"
