@@ -49,6 +49,8 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from pipelines.contrastive_data import compare_key, normalize_text, pair_key  # the validator's own rules
+
 # Bump when the output of any builder changes: it is part of the cache key, so old caches are not reused.
 CODE_VERSION = "embedded-3"  # 3: triples the contrastive validator would reject are skipped at build time
 CACHE_ENV = "NEOBERT_CACHE_DIR"
@@ -537,16 +539,15 @@ def _keep_triple(query: str, positive: str, negative: str, seen: set[bytes], ski
     """Skip (and count) a triple that `validate_contrastive` would reject, with its rules (NFC, whitespace
     collapsed, case-folded): positive == query, negative == positive, or a (query, positive) pair seen before.
     The embedded sources then validate with 0 rejected rows."""
-    from pipelines.contrastive_data import compare_key, normalize_text, pair_key
-
-    q, p, n = (compare_key(normalize_text(t)) for t in (query, positive, negative))
+    qn, pn, nn = (normalize_text(t) for t in (query, positive, negative))
+    q, p, n = (compare_key(t) for t in (qn, pn, nn))
     if p == q:
         skipped["positive_equals_query"] += 1
         return False
     if n == p:
         skipped["negative_equals_positive"] += 1
         return False
-    key = pair_key(normalize_text(query), normalize_text(positive))
+    key = pair_key(qn, pn)
     if key in seen:
         skipped["duplicate_pair"] += 1
         return False
