@@ -42,6 +42,8 @@ FA4_MIN_CAPABILITY = 9  # flash_attn.cute's backward kernels exist for SM90 and 
 
 # (q (T,N,H), k (T,N,H), v (T,N,H), meta, scale) -> (T,N,H)
 AttnFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, PackedMeta, float], torch.Tensor]
+# (qkv (T,3,N,H) before RoPE, cos (T,H), sin (T,H), meta, scale) -> (T,N,H): RoPE fused into the attention op
+QkvAttnFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, PackedMeta, float], torch.Tensor]
 
 _forced: str | None = None
 _logged: set[tuple[str, str]] = set()
@@ -171,6 +173,18 @@ def build_attention(requested: str = "auto") -> tuple[str, AttnFn]:
     return name, fn
 
 
+def fused_rope_attention(name: str) -> QkvAttnFn | None:
+    """The RoPE-fused entry point of backend `name` (a resolved name), or None where RoPE stays a separate step.
+
+    Only `fa4` has one (its RoPE kernels are Triton, which ships with CUDA builds of torch). It saves the
+    concatenation pass of the backward (see neobert/rope_triton.py); the encoder uses it when it exists."""
+    if name != "fa4":
+        return None
+    from neobert.ce_triton import triton_available
+
+    return _fa4_qkv if triton_available() else None
+
+
 def _check_cuda_half(q: torch.Tensor, name: str) -> None:
     if q.device.type != "cuda":
         raise ValueError(
@@ -203,10 +217,7 @@ def _fa4(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: PackedMeta, sc
 # FlashAttention-4 as torch custom ops: torch.compile sees one opaque node per direction (the CuTe kernels are
 # JIT-compiled by flash_attn.cute itself on first use, once per head dim / dtype). q, k, v (T, N, H) with a
 # unit last stride; lse (N, T) fp32 is kept for the backward.
-@torch.library.custom_op("neobert::fa4_varlen_fwd", mutates_args=())
-def _fa4_fwd_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, scale: float
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _fa4_forward(q, k, v, cu_seqlens, max_seqlen: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     from flash_attn.cute.interface import _flash_attn_fwd
 
     res = _flash_attn_fwd(
@@ -222,6 +233,38 @@ def _fa4_fwd_op(
         return_lse=True,
     )
     return res[0], res[1]  # out (T, N, H), lse (N, T)
+
+
+def _fa4_backward_into(
+    dout, q, k, v, out, lse, cu_seqlens, max_seqlen: int, scale: float, dq, dk, dv
+) -> None:
+    """FlashAttention-4 backward writing into dq, dk, dv (T, N, H), which may be strided views (unit last stride)."""
+    from flash_attn.cute.interface import _flash_attn_bwd
+
+    _flash_attn_bwd(
+        q,
+        k,
+        v,
+        out,
+        dout.contiguous(),
+        lse,
+        scale,
+        False,
+        cu_seqlens_q=cu_seqlens,
+        cu_seqlens_k=cu_seqlens,
+        max_seqlen_q=max_seqlen,
+        max_seqlen_k=max_seqlen,
+        dq=dq,
+        dk=dk,
+        dv=dv,
+    )
+
+
+@torch.library.custom_op("neobert::fa4_varlen_fwd", mutates_args=())
+def _fa4_fwd_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _fa4_forward(q, k, v, cu_seqlens, max_seqlen, scale)
 
 
 @_fa4_fwd_op.register_fake
@@ -244,22 +287,8 @@ def _fa4_bwd_op(
     max_seqlen: int,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    from flash_attn.cute.interface import _flash_attn_bwd
-
-    dq, dk, dv = _flash_attn_bwd(
-        q,
-        k,
-        v,
-        out,
-        dout.contiguous(),
-        lse,
-        scale,
-        False,
-        cu_seqlens_q=cu_seqlens,
-        cu_seqlens_k=cu_seqlens,
-        max_seqlen_q=max_seqlen,
-        max_seqlen_k=max_seqlen,
-    )[:3]
+    dq, dk, dv = (torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+    _fa4_backward_into(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, dq, dk, dv)
     return dq, dk, dv
 
 
@@ -284,6 +313,92 @@ def _fa4_backward(ctx, dout, _dlse):
 
 
 _fa4_fwd_op.register_autograd(_fa4_backward, setup_context=_fa4_setup_context)
+
+
+# The fused `fa4` path used by the encoder blocks: RoPE in and out of the attention op (neobert/rope_triton.py).
+# Input is the pre-RoPE fused projection qkv (T, 3, N, H); the backward returns d(qkv) as one tensor, with
+# FlashAttention-4 writing dq/dk/dv straight into its slices and RoPE undone in place (no concatenation pass).
+# q, k (rotated) are extra outputs only so that the backward can reuse them; they carry no gradient.
+@torch.library.custom_op("neobert::fa4_qkv_varlen_fwd", mutates_args=())
+def _fa4_qkv_fwd_op(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    from neobert.rope_triton import rope_split
+
+    q, k = rope_split(qkv, cos, sin)  # (T, N, H) each, rotated
+    out, lse = _fa4_forward(q, k, qkv[:, 2], cu_seqlens, max_seqlen, scale)
+    return out, lse, q, k
+
+
+@_fa4_qkv_fwd_op.register_fake
+def _(qkv, cos, sin, cu_seqlens, max_seqlen, scale):
+    T, _, N, H = qkv.shape
+    q = qkv.new_empty((T, N, H))
+    return q.new_empty((T, N, H)), q.new_empty((N, T), dtype=torch.float32), q, q.new_empty((T, N, H))
+
+
+@torch.library.custom_op("neobert::fa4_qkv_varlen_bwd", mutates_args=())
+def _fa4_qkv_bwd_op(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    qkv: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    scale: float,
+) -> torch.Tensor:
+    from neobert.rope_triton import rope_backward_
+
+    dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)  # (T, 3, N, H)
+    v = qkv[:, 2]
+    _fa4_backward_into(
+        dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale, dqkv[:, 0], dqkv[:, 1], dqkv[:, 2]
+    )
+    return rope_backward_(dqkv, cos, sin)
+
+
+@_fa4_qkv_bwd_op.register_fake
+def _(dout, q, k, qkv, out, lse, cos, sin, cu_seqlens, max_seqlen, scale):
+    return torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
+
+
+def _fa4_qkv_setup_context(ctx, inputs, output) -> None:
+    qkv, cos, sin, cu_seqlens, max_seqlen, scale = inputs
+    out, lse, q, k = output
+    ctx.mark_non_differentiable(lse, q, k)
+    ctx.save_for_backward(q, k, qkv, out, lse, cos, sin, cu_seqlens)
+    ctx.max_seqlen, ctx.scale = max_seqlen, scale
+
+
+def _fa4_qkv_backward(ctx, dout, _dlse, _dq, _dk):
+    q, k, qkv, out, lse, cos, sin, cu_seqlens = ctx.saved_tensors
+    dqkv = torch.ops.neobert.fa4_qkv_varlen_bwd(
+        dout, q, k, qkv, out, lse, cos, sin, cu_seqlens, ctx.max_seqlen, ctx.scale
+    )
+    return dqkv, None, None, None, None, None
+
+
+_fa4_qkv_fwd_op.register_autograd(_fa4_qkv_backward, setup_context=_fa4_qkv_setup_context)
+
+
+def _fa4_qkv(
+    qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: PackedMeta, scale: float
+) -> torch.Tensor:
+    """RoPE + FlashAttention-4 on the fused projection: qkv (T, 3, N, H) pre-RoPE, cos/sin (T, H) -> (T, N, H)."""
+    _check_cuda_half(qkv, "fa4")
+    out, _, _, _ = torch.ops.neobert.fa4_qkv_varlen_fwd(
+        qkv, cos, sin, meta.cu_seqlens, meta.max_seqlen, scale
+    )
+    return out
 
 
 def _torch_varlen(
