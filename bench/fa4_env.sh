@@ -2,9 +2,11 @@
 #   source bench/fa4_env.sh DIR_A DIR_B
 # The wheels travel as files in DIR_A / DIR_B (the 92 MB nvidia-cutlass-dsl-libs-cu13 wheel split in two parts,
 # `cu13.whl.part.*`, because one device call carries at most 64 MiB; made by bench/prepare_fa4_wheels.sh).
-# Installs once into /tmp/fa4site and puts it (and cutlass's dsl_packages, normally added by a .pth file) on
-# PYTHONPATH.
-fa4_site=/tmp/fa4site
+# Installs once into /tmp/fa4/site-packages and puts it (and cutlass's dsl_packages, normally added by a .pth
+# file) on PYTHONPATH. The folder must be named site-packages: quack (the GEMM library FA4 ships with) fingerprints
+# epilogue functions for its kernel cache and treats code under site-packages/ as pinned library code; installed
+# anywhere else it walks into cutlass's module globals and fails ("epilogue fn depends on <ContextVar ...>").
+fa4_site=/tmp/fa4/site-packages
 if [ ! -f "$fa4_site/.ok" ]; then
   rm -rf "$fa4_site"  # a failed earlier attempt: start clean (pip --target skips what is already there)
   fa4_whl=/tmp/nvidia_cutlass_dsl_libs_cu13-4.8.1-cp312-cp312-manylinux_2_28_x86_64.whl

@@ -32,6 +32,33 @@ if [[ $PART == A4 ]]; then
   $B 100 $T --variants packed --bf16-residual --backend torch_varlen 2>&1 | grep '^{' | cut -c1-300
   $B 100 $T --variants packed --bf16-residual --median-len 100000 --sigma 0.01 2>&1 | grep '^{' | cut -c1-300
 fi
+if [[ $PART == P4 ]]; then  # session 3: RoPE fused into the fa4 op; GPU tests, then fused vs unfused A/B
+  nvidia-smi -L
+  $B 300 python3 -m pytest -q -rs -s tests/unit/test_model_gpu.py tests/unit/test_loss_gpu.py 2>&1 \
+      | tee "$OUT/gpu_tests.log" | grep -E "rel err|rel diff|max rel|passed|failed|Error" | tail -40
+  T="python3 bench/train_step.py --compile --variants packed --bf16-residual --json-out $OUT/train_step.jsonl"
+  for flags in "" "--unfused-rope" ""; do
+    $B 150 $T $flags 2>&1 | grep '^{' | cut -c1-420
+  done
+fi
+if [[ $PART == Q4 ]]; then  # profile of the default fa4 step: kernel categories, idle gaps, GEMM rates
+  $B 200 python3 bench/train_step.py --compile --variants packed --bf16-residual --profile \
+      --profile-out "$OUT/prof" --json-out "$OUT/train_step_prof.jsonl" 2>&1 | grep '^{' | cut -c1-300
+fi
+if [[ $PART == R4 ]]; then  # quack SwiGLU-epilogue FFN: kernel A/B alone, then the GPU tests
+  $B 240 python3 bench/ffn_kernels.py --json-out "$OUT/ffn_kernels.jsonl" 2>&1 | grep -E '^\{|Error|error' | cut -c1-400
+  $B 120 python3 bench/ffn_kernels.py --tokens 13107 --json-out "$OUT/ffn_kernels.jsonl" 2>&1 | grep -E '^\{|Error' | cut -c1-400
+  $B 300 python3 -m pytest -q -rs -s tests/unit/test_model_gpu.py 2>&1 \
+      | tee "$OUT/gpu_tests.log" | grep -E "quack|rel diff|passed|failed|Error" | tail -30
+fi
+if [[ $PART == S4 ]]; then  # whole step: quack FFN (auto) vs torch FFN, alternating in one call; then a profile
+  T="python3 bench/train_step.py --compile --variants packed --bf16-residual --json-out $OUT/train_step.jsonl"
+  for flags in "" "--ffn-backend torch" "" "--ffn-backend torch"; do
+    $B 150 $T $flags 2>&1 | grep '^{' | cut -c1-460
+  done
+  $B 200 python3 bench/train_step.py --compile --variants packed --bf16-residual --profile \
+      --profile-out "$OUT/prof" --json-out "$OUT/train_step_prof.jsonl" 2>&1 | grep '^{' | cut -c1-200
+fi
 if [[ $PART == A ]]; then
   nvidia-smi -L
   $B 200 python3 -m pytest -q -rs tests/unit/test_loss_gpu.py tests/unit/test_model_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -8

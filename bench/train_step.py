@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: neobert/ and bench/
 
 from neobert.model import NeoBERTConfig, NeoBERTForMLM  # noqa: E402
 from neobert.packing import PackedMeta  # noqa: E402
@@ -122,6 +122,9 @@ def build(cfg: NeoBERTConfig, args, device, *, dynamic: bool = False):
     model = NeoBERTForMLM(
         cfg, loss_chunk_size=args.loss_chunk_size, sparse_last_layer=not args.dense_last_layer
     ).to(device)
+    if args.unfused_rope:
+        for block in model.encoder.layers:
+            block.qkv_attn_fn = None  # RoPE as its own (inductor-fused) step, attention on q, k, v
     if args.compile:
         kw = {"mode": args.compile_mode} if args.compile_mode else {}
         model.encoder.compile_layers(dynamic=(args.dynamic or dynamic) or None, **kw)
@@ -251,6 +254,8 @@ def run_variant(variant: str, cfg: NeoBERTConfig, steps: list[Step], args, devic
         "compile": args.compile,
         "compile_mode": args.compile_mode,
         "sparse_last_layer": not args.dense_last_layer,
+        "fused_rope": model.encoder.layers[0].qkv_attn_fn is not None,
+        "ffn_backend": model.encoder.ffn_backend,
         "max_seqlen_mode": args.max_seqlen_mode if variant == "packed" else None,
         "tokens_per_step": args.tokens_per_step,
         "max_seq_len": args.max_seq_len,
@@ -292,11 +297,16 @@ def _pad_frac(timed: list[Step], args) -> float:
     return 1 - real / padded
 
 
-def profile(fn, model, opt, steps, args, device, variant) -> list[dict]:
+def profile(fn, model, opt, steps, args, device, variant) -> dict:
+    """torch.profiler over `steps`: top ops by device time, kernel categories, idle gaps, GEMM rates."""
+    import tempfile
+
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    from bench.trace_summary import gemm_table, summarize
+
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
         for s in steps:
             fn(model, opt, s, args, device)
         sync(device)
@@ -306,17 +316,14 @@ def profile(fn, model, opt, steps, args, device, variant) -> list[dict]:
             sort_by="self_device_time_total", row_limit=40, max_name_column_width=90
         )
         Path(f"{args.profile_out}.{variant}.txt").write_text(table)
-    events = [e for e in prof.key_averages() if getattr(e, "self_device_time_total", 0) > 0]
-    events.sort(key=lambda e: e.self_device_time_total, reverse=True)
-    total = sum(e.self_device_time_total for e in events)
-    return [
-        {
-            "name": e.key[:80],
-            "ms_per_step": e.self_device_time_total / 1000 / len(steps),
-            "frac": e.self_device_time_total / total,
-        }
-        for e in events[:15]
-    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(trace))
+        summary = summarize(trace, len(steps))
+    summary["gemms"] = gemm_table(prof, len(steps))[:16]
+    if args.profile_out:
+        Path(f"{args.profile_out}.{variant}.summary.json").write_text(json.dumps(summary, indent=1))
+    return summary
 
 
 def memory_sweep(cfg: NeoBERTConfig, args, device) -> list[dict]:
@@ -360,6 +367,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--backend", default="auto", help="attention backend: auto | fa4 | flash_attn | torch_varlen | sdpa"
     )
+    p.add_argument("--ffn-backend", default="auto", help="SwiGLU FFN: auto | quack | torch (neobert/ffn.py)")
     p.add_argument("--compile", action="store_true", help="torch.compile every encoder block")
     p.add_argument(
         "--compile-mode",
@@ -391,10 +399,17 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--bf16-residual", action="store_true", help="NeoBERTConfig(fp32_residual=False)")
     p.add_argument(
+        "--unfused-rope",
+        action="store_true",
+        help="fa4: RoPE as a separate step instead of inside the attention op (the session-2 path)",
+    )
+    p.add_argument(
         "--check-syncs", action="store_true", help="count host syncs in one step (cuda sync debug)"
     )
     p.add_argument(
-        "--profile", action="store_true", help="torch.profiler over 3 steps; top kernels in the JSON"
+        "--profile",
+        action="store_true",
+        help="torch.profiler over 3 steps; kernel/gap/GEMM summary in the JSON",
     )
     p.add_argument("--profile-out", default=None, help="write the profiler table to PREFIX.<variant>.txt")
     p.add_argument("--memory-sweep", action="store_true")
@@ -411,6 +426,7 @@ def main(argv: list[str] | None = None) -> None:
         attn_backend=args.backend,
         max_position_embeddings=max(8192, args.max_seq_len),
         fp32_residual=not args.bf16_residual,
+        ffn_backend=args.ffn_backend,
     )
     results = []
     if args.memory_sweep:

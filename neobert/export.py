@@ -266,7 +266,7 @@ def _training_hidden(md: ModelDir, ids_T: torch.Tensor, lengths: list[int]):
     from neobert.model import NeoBERT, NeoBERTForMLM
     from neobert.packing import PackedMeta
 
-    cfg = dataclasses.replace(md.cfg, attn_backend="sdpa")
+    cfg = dataclasses.replace(md.cfg, attn_backend="sdpa", ffn_backend="torch")
     meta = PackedMeta.from_lengths(lengths)
     with torch.no_grad():
         if md.kind == "mlm":

@@ -28,10 +28,10 @@ import math
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from neobert.attention import BACKENDS, build_attention, padded_attention
+from neobert.attention import BACKENDS, build_attention, fused_rope_attention, padded_attention
+from neobert.ffn import FFN_BACKENDS, build_ffn, swiglu_torch
 from neobert.packing import PackedMeta, validate_packed_meta
 
 
@@ -51,6 +51,9 @@ class NeoBERTConfig:
     pad_token_id: int = 0  # [PAD]; its embedding row starts at zero and never receives gradient
     initializer_range: float = 0.02  # std of the normal init (output projections scaled by 1/sqrt(2L))
     fp32_residual: bool = True  # residual stream in fp32 under autocast; False = autocast dtype (~5% faster)
+    ffn_backend: str = (
+        "auto"  # "auto" | "quack" | "torch": SwiGLU in GEMM epilogues (quack) or as torch ops (ffn.py)
+    )
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size"):
@@ -74,6 +77,8 @@ class NeoBERTConfig:
             )
         if self.attn_backend != "auto" and self.attn_backend not in BACKENDS:
             raise ValueError(f"attn_backend={self.attn_backend!r}; choose 'auto' or one of {BACKENDS}")
+        if self.ffn_backend != "auto" and self.ffn_backend not in FFN_BACKENDS:
+            raise ValueError(f"ffn_backend={self.ffn_backend!r}; choose 'auto' or one of {FFN_BACKENDS}")
         if self.rms_norm_eps <= 0 or self.rope_theta <= 0 or self.initializer_range <= 0:
             raise ValueError("rms_norm_eps, rope_theta and initializer_range must be > 0")
         if self.max_position_embeddings < 1:
@@ -149,24 +154,23 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (xf * cos.unsqueeze(-2) + rotated * sin.unsqueeze(-2)).to(x.dtype)
 
 
-def swiglu(x: torch.Tensor, w_in: nn.Linear, w_out: nn.Linear) -> torch.Tensor:
-    """w_out(silu(x W_gate^T) * (x W_up^T)) with w_in rows [W_gate; W_up]: x (.., D) -> (.., D)."""
-    gate, up = w_in(x).chunk(2, dim=-1)  # (.., F) each
-    return w_out(F.silu(gate) * up)
-
-
 class NeoBERTBlock(nn.Module):
     """Pre-norm block: x = x + attn(attn_norm(x)); x = x + ffn(ffn_norm(x)).
 
     Attributes are flat (qkv, out_proj, w_in, w_out) so the state-dict keys match the fixed export layout.
     """
 
-    def __init__(self, cfg: NeoBERTConfig, attn_fn) -> None:
+    def __init__(self, cfg: NeoBERTConfig, attn_fn, qkv_attn_fn=None, ffn_fn=swiglu_torch) -> None:
+        """`attn_fn` (q, k, v, meta, scale) is the packed attention; `qkv_attn_fn` (qkv, cos, sin, meta, scale),
+        when the backend has one, replaces RoPE + `attn_fn` on the packed path (RoPE fused into the kernel op);
+        `ffn_fn` (x, w_in, w_out) is the SwiGLU feed-forward (neobert/ffn.py)."""
         super().__init__()
         D, F_ = cfg.hidden_size, cfg.ffn_hidden_size
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
         self.attn_fn = attn_fn
+        self.qkv_attn_fn = qkv_attn_fn
+        self.ffn_fn = ffn_fn
         self.attn_norm = RMSNorm(D, cfg.rms_norm_eps)
         self.qkv = nn.Linear(D, 3 * D, bias=False)  # fused [Wq; Wk; Wv]: one GEMM instead of three
         self.out_proj = nn.Linear(D, D, bias=False)
@@ -174,14 +178,18 @@ class NeoBERTBlock(nn.Module):
         self.w_in = nn.Linear(D, 2 * F_, bias=False)
         self.w_out = nn.Linear(F_, D, bias=False)
 
-    def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        # x (.., D) -> q, k, v (.., N, H) with RoPE on q and k
-        qkv = self.qkv(self.attn_norm(x)).unflatten(-1, (3, self.num_heads, self.head_dim))  # (.., 3, N, H)
+    def _qkv(self, x: torch.Tensor) -> torch.Tensor:
+        # x (.., D) -> qkv (.., 3, N, H), before RoPE
+        return self.qkv(self.attn_norm(x)).unflatten(-1, (3, self.num_heads, self.head_dim))
+
+    @staticmethod
+    def _rope(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        # qkv (.., 3, N, H) -> q, k, v (.., N, H) with RoPE on q and k
         q, k, v = qkv.unbind(-3)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def _ffn(self, x: torch.Tensor) -> torch.Tensor:
-        return x + swiglu(self.ffn_norm(x), self.w_in, self.w_out)
+        return x + self.ffn_fn(self.ffn_norm(x), self.w_in, self.w_out)
 
     def forward(
         self,
@@ -197,9 +205,12 @@ class NeoBERTBlock(nn.Module):
         `rows` (M,) (packed only): every token still serves as a key/value, but only these rows continue
         after attention (out_proj, FFN), and the block returns (M, D): exact for those rows, ~70% of the
         block's work skipped for the others."""
-        q, k, v = self._qkv(x, cos, sin)  # (T, N, H) | (B, S, N, H)
+        qkv = self._qkv(x)  # (T, 3, N, H) | (B, S, 3, N, H)
         if isinstance(layout, PackedMeta):
-            attn = self.attn_fn(q, k, v, layout, self.scale)  # (T, N, H)
+            if self.qkv_attn_fn is not None:
+                attn = self.qkv_attn_fn(qkv, cos, sin, layout, self.scale)  # (T, N, H)
+            else:
+                attn = self.attn_fn(*self._rope(qkv, cos, sin), layout, self.scale)  # (T, N, H)
             if rows is not None:
                 x, attn = x.index_select(0, rows), attn.index_select(0, rows)  # (M, D), (M, N, H)
         else:
@@ -207,7 +218,7 @@ class NeoBERTBlock(nn.Module):
                 raise ValueError(
                     "NeoBERTBlock: `rows` selects rows of a packed (T, D) stream; the padded path has none"
                 )
-            q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, N, S, H)
+            q, k, v = (t.transpose(1, 2) for t in self._rope(qkv, cos, sin))  # (B, N, S, H)
             attn = padded_attention(q, k, v, layout, self.scale).transpose(1, 2)  # (B, S, N, H)
         x = x + self.out_proj(attn.flatten(-2))
         return self._ffn(x)
@@ -222,7 +233,11 @@ class NeoBERT(nn.Module):
         self.attn_backend, attn_fn = build_attention(cfg.attn_backend)  # decided once, logged once
         self.embeddings = nn.Embedding(cfg.padded_vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
-        self.layers = nn.ModuleList(NeoBERTBlock(cfg, attn_fn) for _ in range(cfg.num_layers))
+        qkv_attn_fn = fused_rope_attention(self.attn_backend)  # fa4: RoPE inside the attention op
+        self.ffn_backend, ffn_fn = build_ffn(cfg.ffn_backend)  # decided once, logged once
+        self.layers = nn.ModuleList(
+            NeoBERTBlock(cfg, attn_fn, qkv_attn_fn, ffn_fn) for _ in range(cfg.num_layers)
+        )
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.reset_parameters()
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from neobert.attention import build_attention, have_fa4, have_flash_attn, sdpa_varlen
+from neobert.ffn import have_quack
 from neobert.model import NeoBERT, NeoBERTConfig
 from neobert.packing import PackedMeta
 
@@ -192,3 +193,109 @@ def test_sparse_last_layer_matches_dense_compiled_bf16(backend: str) -> None:
         assert loss_err <= 1e-2 and worst[0] <= 2e-2, (loss_err, worst)
         graphs.append(int(counters["stats"]["unique_graphs"]))
     assert graphs[-1] == graphs[0], f"recompiled on new layouts / masked counts: unique graphs {graphs}"
+
+
+def test_rope_triton_kernels_match_torch_reference() -> None:
+    """neobert/rope_triton.py on CUDA vs its torch reference: fp32 within 1e-6, bf16 within one bf16 ulp."""
+    from neobert import rope_triton
+    from neobert.model import RotaryEmbedding
+
+    meta = PackedMeta.from_lengths(LENGTHS, device="cuda")
+    T, N, H = sum(LENGTHS), 12, 64
+    cos, sin = RotaryEmbedding(H, 10000.0).cuda()(meta.position_ids)
+    for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 2**-7)):
+        qkv = torch.randn(T, 3, N, H, device="cuda").to(dtype)
+        got = rope_triton.rope_split(qkv, cos, sin)
+        ref = rope_triton.rope_split_torch(qkv, cos, sin)
+        g = torch.randn(T, 3, N, H, device="cuda").to(dtype)
+        got_b = rope_triton.rope_backward_(g.clone(), cos, sin)
+        ref_b = rope_triton.rope_backward_torch_(g.clone(), cos, sin)
+        assert torch.equal(got_b[:, 2], g[:, 2])
+        for what, a, b in [("q", got[0], ref[0]), ("k", got[1], ref[1]), ("dqkv", got_b, ref_b)]:
+            err = ((a.float() - b.float()).abs() / b.float().abs().clamp_min(1)).max().item()
+            print(f"rope triton vs torch {dtype} {what}: max rel diff {err:.1e}")
+            assert err <= tol, (dtype, what, err)
+
+
+@pytest.mark.skipif(not have_fa4(), reason="flash-attn-4 not installed or GPU older than SM90")
+def test_fa4_fused_rope_matches_unfused_bf16() -> None:
+    """The fa4 op with RoPE inside (dq/dk/dv written into slices of dqkv, RoPE undone in place) vs RoPE + the
+    plain fa4 op: same output and d(qkv) up to bf16 rounding of the rotated q/k (rel <= 5e-3 vs each other),
+    eager and compiled, on a layout with a length-1 document and lengths that are not tile multiples."""
+    from neobert.attention import _fa4_qkv
+    from neobert.model import RotaryEmbedding, apply_rope
+
+    meta = PackedMeta.from_lengths(LENGTHS, device="cuda")._replace(max_seqlen=1024)
+    T, N, H = sum(LENGTHS), 12, 64
+    cos, sin = RotaryEmbedding(H, 10000.0).cuda()(meta.position_ids)
+    qkv = torch.randn(T, 3 * N * H, device="cuda", dtype=torch.bfloat16)
+    g = torch.randn(T, N, H, device="cuda", dtype=torch.bfloat16)
+    _, plain_attn = build_attention("fa4")
+
+    def unfused(x):
+        q, k, v = x.unflatten(-1, (3, N, H)).unbind(1)
+        return plain_attn(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, meta, H**-0.5)
+
+    def fused(x):
+        return _fa4_qkv(x.unflatten(-1, (3, N, H)), cos, sin, meta, H**-0.5)
+
+    res = {}
+    for name, fn in [("unfused", unfused), ("fused", fused), ("fused compiled", torch.compile(fused))]:
+        x = qkv.clone().requires_grad_()
+        out = fn(x)
+        out.backward(g)
+        res[name] = (out.float(), x.grad.float())
+    for name in ("fused", "fused compiled"):
+        e_out, e_grad = rel(res[name][0], res["unfused"][0]), rel(res[name][1], res["unfused"][1])
+        print(f"fa4 {name} vs unfused: out rel {e_out:.1e}, d(qkv) rel {e_grad:.1e}")
+        assert e_out <= 5e-3 and e_grad <= 5e-3, (name, e_out, e_grad)
+
+
+@pytest.mark.skipif(not have_quack(), reason="quack-kernels not installed or GPU older than SM90")
+@pytest.mark.parametrize("compiled", [False, True])
+def test_quack_ffn_matches_torch_ffn_bf16(compiled: bool) -> None:
+    """The whole MLM model with ffn_backend='quack' (SwiGLU in GEMM epilogues) vs 'torch', same weights, bf16
+    autocast, sparse last layer (so the FFN also runs on a varying number of masked rows): loss within 1e-2
+    relative, parameter gradients within 2e-2, and (compiled) no new graph for new layouts / masked counts."""
+    from torch._dynamo.utils import counters
+
+    from neobert.model import NeoBERTForMLM
+
+    base = dict(hidden_size=256, num_layers=3, num_heads=4, intermediate_size=768, fp32_residual=False)
+    torch.manual_seed(0)
+    ref = NeoBERTForMLM(NeoBERTConfig(**base, ffn_backend="torch")).cuda()
+    fast = NeoBERTForMLM(NeoBERTConfig(**base, ffn_backend="quack")).cuda()
+    fast.load_state_dict(ref.state_dict())
+    assert fast.encoder.ffn_backend == "quack"
+    if compiled:
+        torch._dynamo.reset()
+        for m in (ref, fast):
+            m.encoder.compile_layers()
+    T, gen, graphs = 1024, torch.Generator().manual_seed(1), []
+    for step, lengths in enumerate([[300, 200, 524], [100] * 10 + [24], [512, 512]]):
+        ids = torch.randint(1000, 30000, (T,), generator=gen).cuda()
+        labels = torch.where(torch.rand(T, generator=gen).cuda() < 0.15 + 0.05 * step, ids, -100)
+        meta = PackedMeta.from_lengths(lengths, device="cuda")._replace(max_seqlen=1024)
+        torch._dynamo.mark_dynamic(meta.cu_seqlens, 0)
+        res = []
+        for m in (ref, fast):
+            m.zero_grad(set_to_none=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = m(ids, meta, labels)
+            out.loss_sum.backward()
+            res.append(
+                (
+                    out.loss_sum.item(),
+                    {n: p.grad.float() for n, p in m.named_parameters() if p.grad is not None},
+                )
+            )
+        (l_ref, g_ref), (l_fast, g_fast) = res
+        loss_err = abs(l_ref - l_fast) / abs(l_ref)
+        worst = max((rel(g_fast[n], g), n) for n, g in g_ref.items() if g.norm() > 0)
+        print(
+            f"quack ffn (compiled={compiled}) step {step}: loss rel diff {loss_err:.2e}, worst grad {worst[0]:.2e} ({worst[1]})"
+        )
+        assert loss_err <= 1e-2 and worst[0] <= 2e-2, (loss_err, worst)
+        graphs.append(int(counters["stats"]["unique_graphs"]))
+    if compiled:
+        assert graphs[-1] == graphs[0], f"recompiled on new layouts / masked counts: unique graphs {graphs}"

@@ -1,0 +1,95 @@
+"""SwiGLU feed-forward implementations, resolved once per model by `build_ffn` (like the attention backend).
+
+    x (.., D) -> w_out(silu(x W_gate^T) * (x W_up^T)) (.., D),   w_in.weight = [W_gate; W_up] (2F, D)
+
+    torch   two `nn.Linear` GEMMs (cuBLAS) and the SwiGLU as separate ops, which torch.compile fuses into one
+            pointwise kernel per direction. Runs everywhere; the exact reference.
+    quack   quack's GEMMs with fused epilogues (`quack.mlp.mlp_func`, package `quack-kernels`, installed with
+            flash-attn-4; CuTe-DSL kernels for Hopper/Blackwell, JIT-compiled on first use): the SwiGLU is
+            computed in the epilogue of the first GEMM, and its derivative in the epilogue of the backward's
+            dX GEMM, so the (T, 2F) gate/up tensor is not read again by a separate pointwise kernel in either
+            direction. Same math, bf16 rounding at the same places as the autocast torch path.
+
+`auto` = quack on a GPU of compute capability >= 9.0 when `quack.mlp` imports, else torch. quack runs on CUDA
+tensors only; on CPU tensors the torch path runs (a model built on a GPU machine can still be evaluated on CPU).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+FFN_BACKENDS = ("quack", "torch")
+QUACK_MIN_CAPABILITY = 9
+
+# (x (.., D), w_in: Linear(D, 2F), w_out: Linear(F, D)) -> (.., D)
+FfnFn = Callable[[torch.Tensor, nn.Linear, nn.Linear], torch.Tensor]
+
+_logged: set[tuple[str, str]] = set()
+
+
+def swiglu_torch(x: torch.Tensor, w_in: nn.Linear, w_out: nn.Linear) -> torch.Tensor:
+    gate, up = w_in(x).chunk(2, dim=-1)  # (.., F) each
+    return w_out(F.silu(gate) * up)
+
+
+def swiglu_quack(x: torch.Tensor, w_in: nn.Linear, w_out: nn.Linear) -> torch.Tensor:
+    if not x.is_cuda:
+        return swiglu_torch(x, w_in, w_out)
+    from quack.mlp import mlp_func
+
+    # concat_layout: w_in rows are [W_gate; W_up] (ours), not quack's default interleaved gate/up columns.
+    # tuned=False: quack's heuristic tile config, no autotuning sweep at the first call.
+    return mlp_func(x, w_in.weight, w_out.weight, activation="swiglu", concat_layout=True, tuned=False)
+
+
+@functools.cache
+def have_quack() -> bool:
+    """quack's fused-epilogue MLP importable and a GPU of compute capability >= 9.0 present."""
+    if not (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= QUACK_MIN_CAPABILITY):
+        return False
+    try:
+        importlib.import_module("quack.mlp")
+    except Exception as e:  # not installed, or its CuTe-DSL runtime fails to load
+        if not isinstance(e, ModuleNotFoundError):
+            log.warning(
+                "quack is installed but does not import (%s: %s); SwiGLU FFN uses torch", type(e).__name__, e
+            )
+        return False
+    return True
+
+
+def resolve_ffn_backend(requested: str = "auto", *, quack_available: bool | None = None) -> str:
+    """The FFN implementation `requested` resolves to here; `quack_available` overrides detection (tests)."""
+    if requested not in ("auto", *FFN_BACKENDS):
+        raise ValueError(f"unknown ffn_backend {requested!r}; choose 'auto' or one of {FFN_BACKENDS}")
+    if requested == "torch":
+        return "torch"
+    available = have_quack() if quack_available is None else quack_available
+    if requested == "quack" and not available:
+        raise ValueError(
+            "ffn_backend 'quack' needs the quack-kernels package (installed with flash-attn-4) and a GPU of "
+            "compute capability >= 9.0 (Hopper/Blackwell); use ffn_backend='torch' or 'auto'"
+        )
+    return "quack" if available else "torch"
+
+
+def swiglu_ffn_fn(name: str) -> FfnFn:
+    return {"quack": swiglu_quack, "torch": swiglu_torch}[name]
+
+
+def build_ffn(requested: str = "auto") -> tuple[str, FfnFn]:
+    """Resolve `requested` once and return (name, ffn function). Logs the choice once per process."""
+    name = resolve_ffn_backend(requested)
+    if (requested, name) not in _logged:
+        _logged.add((requested, name))
+        log.info("ffn backend: %s (requested %r)", name, requested)
+    return name, swiglu_ffn_fn(name)
