@@ -17,6 +17,12 @@ mkdir -p /tmp/site
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >/dev/null 2>&1
 export PYTHONPATH=/tmp/site:$PWD
 B="timeout -s INT -k 10"
+KEYS='import sys, json
+for line in sys.stdin:
+    d = json.loads(line) if line.startswith("{") else {"line": line.strip()}
+    print({k: d[k] for k in ("ffn_backend", "fused_rope", "host_masked", "tokens_per_s", "step_ms", "mfu",
+           "host_syncs_per_step", "sync_sites", "peak_mem_gib", "new_graphs_in_timed_loop", "line") if k in d})'
+
 RAY_TAR=.device/ray-cp312.tar.xz PACKED=$PWD/.device/packed1024
 if [[ $PART == *4 ]]; then
   source bench/fa4_env.sh /tmp/fa4stash .fa4b || exit 1
@@ -58,6 +64,15 @@ if [[ $PART == S4 ]]; then  # whole step: quack FFN (auto) vs torch FFN, alterna
   done
   $B 200 python3 bench/train_step.py --compile --variants packed --bf16-residual --profile \
       --profile-out "$OUT/prof" --json-out "$OUT/train_step_prof.jsonl" 2>&1 | grep '^{' | cut -c1-200
+fi
+if [[ $PART == V4 ]]; then  # final check of session 3: GPU tests, then the default step vs its parts switched off
+  nvidia-smi -L
+  $B 240 python3 -m pytest -q -rs -s tests/unit/test_model_gpu.py tests/unit/test_loss_gpu.py 2>&1 \
+      | tee "$OUT/gpu_tests.log" | grep -E "passed|failed|Error" | tail -8
+  T="python3 bench/train_step.py --compile --variants packed --bf16-residual --json-out $OUT/train_step.jsonl"
+  for flags in "--check-syncs" "--device-masked" "--ffn-backend torch" "" "--ffn-backend torch --unfused-rope --device-masked"; do
+    $B 120 $T $flags 2>&1 | grep -E '^\{|Error' | python3 -c "$KEYS"
+  done
 fi
 if [[ $PART == A ]]; then
   nvidia-smi -L

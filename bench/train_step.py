@@ -49,6 +49,7 @@ class Step:
 
     input_ids: torch.Tensor  # (T_budget,)
     labels: torch.Tensor  # (T_budget,) -100 = not masked / padding
+    labels_cpu: torch.Tensor  # the same on the CPU (the trainer masks on the CPU, then copies)
     cu_seqlens: torch.Tensor  # (num_docs + 2,) int32: documents + the trailing padding segment
     true_max: int  # longest real document
     lengths: list[int]  # real documents
@@ -82,6 +83,7 @@ def make_steps(args, vocab: int, device: torch.device) -> list[Step]:
             Step(
                 input_ids=torch.as_tensor(ids, dtype=torch.long, device=device),
                 labels=torch.as_tensor(labels, dtype=torch.long, device=device),
+                labels_cpu=torch.as_tensor(labels, dtype=torch.long),
                 cu_seqlens=torch.as_tensor(cu, dtype=torch.int32, device=device),
                 true_max=max(lengths + ([pad] if pad else [])),
                 lengths=lengths,
@@ -140,8 +142,11 @@ def packed_step(model, opt, step: Step, args, device) -> torch.Tensor:
     )
     if args.compile:
         torch._dynamo.mark_dynamic(meta.cu_seqlens, 0)  # num_docs varies per step: one symbolic dim
+    masked = None
+    if not args.device_masked:  # as the trainer does: masked rows gathered on the CPU, copied without a sync
+        masked = model.masked_rows(step.labels_cpu).to(device, non_blocking=device.type == "cuda")
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        out = model(step.input_ids, meta, step.labels)
+        out = model(step.input_ids, meta, step.labels, masked=masked)
     loss = out.loss_sum / step.num_masked  # the trainer divides by the global masked count
     loss.backward()
     opt.step()
@@ -255,6 +260,7 @@ def run_variant(variant: str, cfg: NeoBERTConfig, steps: list[Step], args, devic
         "compile_mode": args.compile_mode,
         "sparse_last_layer": not args.dense_last_layer,
         "fused_rope": model.encoder.layers[0].qkv_attn_fn is not None,
+        "host_masked": variant == "packed" and not args.device_masked,
         "ffn_backend": model.encoder.ffn_backend,
         "max_seqlen_mode": args.max_seqlen_mode if variant == "packed" else None,
         "tokens_per_step": args.tokens_per_step,
@@ -398,6 +404,12 @@ def main(argv: list[str] | None = None) -> None:
         help="NeoBERTForMLM(sparse_last_layer=False): last layer's FFN on every token (the old path)",
     )
     p.add_argument("--bf16-residual", action="store_true", help="NeoBERTConfig(fp32_residual=False)")
+    p.add_argument(
+        "--device-masked",
+        action="store_true",
+        help="gather the masked rows from the GPU labels inside the model (one host sync per step, the session-2 "
+        "path) instead of on the CPU labels before the copy (what the trainer does)",
+    )
     p.add_argument(
         "--unfused-rope",
         action="store_true",

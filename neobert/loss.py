@@ -79,6 +79,19 @@ class MaskedRows(NamedTuple):
     num_masked: torch.Tensor  # int64 0-dim on the label device (== M)
     count: int  # M on the host
 
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> MaskedRows:
+        """The same rows on `device`. Gathering on the CPU labels (before the batch is copied) and moving the
+        result with non_blocking=True from pinned memory is what keeps the training step free of host syncs."""
+        idx, target, num = self.idx, self.target, self.num_masked
+        if non_blocking and idx.device.type == "cpu":
+            idx, target, num = idx.pin_memory(), target.pin_memory(), num.pin_memory()
+        return MaskedRows(
+            idx.to(device, non_blocking=non_blocking),
+            target.to(device, non_blocking=non_blocking),
+            num.to(device, non_blocking=non_blocking),
+            self.count,
+        )
+
 
 class MLMLossOutput(NamedTuple):
     """Sum-reduced masked-LM loss and its counts (all 0-dim tensors on the input device)."""

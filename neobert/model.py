@@ -32,6 +32,7 @@ from torch import nn
 
 from neobert.attention import BACKENDS, build_attention, fused_rope_attention, padded_attention
 from neobert.ffn import FFN_BACKENDS, build_ffn, swiglu_torch
+from neobert.loss import MaskedLMLoss, MaskedRows
 from neobert.packing import PackedMeta, validate_packed_meta
 
 
@@ -343,8 +344,6 @@ class NeoBERTForMLM(nn.Module):
         dense path); ~2% faster for `base` at 20% masking. The padded path is always dense."""
         super().__init__()
         self.sparse_last_layer = sparse_last_layer
-        from neobert.loss import MaskedLMLoss  # imported here so the encoder alone does not need it
-
         self.config = cfg
         self.encoder = NeoBERT(cfg)
         self.decoder = nn.Linear(cfg.hidden_size, cfg.padded_vocab_size, bias=True)
@@ -359,16 +358,39 @@ class NeoBERTForMLM(nn.Module):
     def attn_backend(self) -> str:
         return self.encoder.attn_backend
 
-    def forward(self, input_ids: torch.Tensor, meta: PackedMeta, labels: torch.Tensor):
-        """input_ids (T,), meta, labels (T,) with -100 at unmasked tokens -> MLMLossOutput (summed loss)."""
+    def masked_rows(self, labels: torch.Tensor) -> MaskedRows:
+        """The masked positions and targets of labels (T,) for `forward(..., masked=)`. Call it on the CPU labels
+        before the batch goes to the GPU (then `.to(device, non_blocking=True)`): the count is read on the host
+        for free there, so the training step has no host sync at all. Raises ValueError for a bad label."""
+        return self.loss_fn.gather_masked(labels, self.config.vocab_size, self.decoder.weight.shape[0])
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        meta: PackedMeta,
+        labels: torch.Tensor,
+        masked: MaskedRows | None = None,
+    ):
+        """input_ids (T,), meta, labels (T,) with -100 at unmasked tokens -> MLMLossOutput (summed loss).
+
+        `masked`: `self.masked_rows(labels)`, computed ahead (on the CPU, see there) and on the input device;
+        without it the masked positions are gathered here, with one host sync."""
         if labels.shape != input_ids.shape:
             raise ValueError(f"labels {tuple(labels.shape)} must match input_ids {tuple(input_ids.shape)}")
-        if not self.sparse_last_layer or labels.ndim != 1:
+        if masked is not None and masked.idx.device != input_ids.device:
+            raise ValueError(
+                f"masked rows are on {masked.idx.device} but input_ids on {input_ids.device}; pass "
+                f"model.masked_rows(labels_cpu).to(device, non_blocking=True)"
+            )
+        if labels.ndim != 1:
             hidden = self.encoder(input_ids, meta)  # (T, D)
             return self._loss(hidden, labels)
-        # One host sync (the loss's): masked positions first, then the encoder returns only those rows.
-        masked = self.loss_fn.gather_masked(labels, self.config.vocab_size, self.decoder.weight.shape[0])
-        hidden_MD = self.encoder(input_ids, meta, output_rows=masked.idx)  # (M, D)
+        if masked is None:
+            masked = self.masked_rows(labels)  # the one host sync (M is read)
+        if self.sparse_last_layer:
+            hidden_MD = self.encoder(input_ids, meta, output_rows=masked.idx)  # (M, D)
+        else:
+            hidden_MD = self.encoder(input_ids, meta).index_select(0, masked.idx)  # (M, D)
         return self.loss_fn(
             hidden_MD,
             self.decoder.weight,

@@ -175,6 +175,7 @@ class MicroBatch:
     meta: Any
     num_masked: int  # labels != -100, counted on the CPU before the transfer (no device sync)
     num_tokens: int  # real (non-padding) tokens
+    masked: Any = None  # neobert.loss.MaskedRows gathered on the CPU (model.masked_rows), or None
 
 
 @dataclass
@@ -223,7 +224,8 @@ def train_step(
     count (the common mistake) over-weights micro-batches with few masked tokens; scaling after the fact would
     need a second pass over the gradients, so counting first is both exact and free.
 
-    `model(input_ids, meta, labels)` must return an object with `loss_sum` and `num_correct` (MLMLossOutput).
+    `model(input_ids, meta, labels[, masked=mb.masked])` must return an object with `loss_sum` and `num_correct`
+    (MLMLossOutput); `masked` is passed when the micro-batch carries CPU-gathered masked rows.
     DDP gradient sync runs only on the last micro-batch (`no_sync` on the others).
     """
     assert micro_batches, "train_step needs at least one micro-batch"
@@ -239,7 +241,8 @@ def train_step(
     for i, mb in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         with nullcontext() if last or no_sync is None else no_sync(), autocast():
-            out = model(mb.input_ids, mb.meta, mb.labels)
+            extra = {} if mb.masked is None else {"masked": mb.masked}  # no host sync in the model
+            out = model(mb.input_ids, mb.meta, mb.labels, **extra)
         (out.loss_sum.float() * scale).backward()
         loss_sum += out.loss_sum.detach().float()
         num_correct += out.num_correct.detach().to(torch.int64)

@@ -728,6 +728,7 @@ class PretrainRunner:
             strategy=self.cfg.train.mask_strategy,
         )
         num_masked = int((labels != -100).sum())
+        masked = self.raw_model.masked_rows(labels)  # on the CPU: the model's step then has no host sync
         dev, nb = self.device, self.device.type == "cuda"
         if nb:
             ids, labels = ids.pin_memory(), labels.pin_memory()
@@ -744,6 +745,7 @@ class PretrainRunner:
             meta=meta,
             num_masked=num_masked,
             num_tokens=batch.num_tokens,
+            masked=masked.to(dev, non_blocking=nb),
         )
 
     @property
@@ -862,7 +864,8 @@ class PretrainRunner:
             for i, batch in self._eval_batches:
                 mb = self.to_micro_batch(batch, (-1, 0, i))  # step -1: eval masks are the same at every eval
                 with self.autocast():
-                    out = self.raw_model(mb.input_ids, mb.meta, mb.labels)  # unwrapped: no DDP collectives
+                    # unwrapped: no DDP collectives
+                    out = self.raw_model(mb.input_ids, mb.meta, mb.labels, masked=mb.masked)
                 loss_sum += float(out.loss_sum)
                 correct += float(out.num_correct)
                 masked += mb.num_masked

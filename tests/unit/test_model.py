@@ -319,3 +319,28 @@ def test_output_rows_select_hidden_states(cfg: NeoBERTConfig, model: NeoBERT) ->
     cos, sin = model.rotary(torch.arange(4).expand(2, 4))
     with pytest.raises(ValueError, match="padded path"):
         block(x, cos, sin, torch.ones(2, 4, dtype=torch.bool), rows)
+
+
+@pytest.mark.parametrize("sparse", [True, False])
+def test_mlm_with_masked_rows_gathered_ahead_matches(sparse: bool) -> None:
+    """forward(..., masked=model.masked_rows(labels)) (the trainer's sync-free path) == forward without it."""
+    torch.manual_seed(0)
+    model = NeoBERTForMLM(NeoBERTConfig.preset("tiny", attn_backend="sdpa"), sparse_last_layer=sparse)
+    lengths = [9, 30, 1, 24]
+    meta = PackedMeta.from_lengths(lengths)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(1, 1000, (sum(lengths),), generator=g)
+    labels = torch.where(torch.rand(sum(lengths), generator=g) < 0.3, ids, -100)
+    res = []
+    for ahead in (False, True):
+        model.zero_grad(set_to_none=True)
+        masked = model.masked_rows(labels) if ahead else None
+        out = model(ids, meta, labels, masked=masked)
+        out.loss_sum.backward()
+        res.append((out.loss_sum.detach(), out.num_correct, model.encoder.layers[0].qkv.weight.grad.clone()))
+    assert masked.count == int((labels != -100).sum()) > 0
+    assert torch.equal(res[0][0], res[1][0]) and torch.equal(res[0][1], res[1][1])
+    assert torch.equal(res[0][2], res[1][2])
+    wrong = masked._replace(idx=masked.idx.to("meta"))
+    with pytest.raises(ValueError, match="masked_rows"):
+        model(ids, meta, labels, masked=wrong)
