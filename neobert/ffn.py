@@ -11,7 +11,8 @@
             direction. Same math, bf16 rounding at the same places as the autocast torch path.
 
 `auto` = quack on a GPU of compute capability >= 9.0 when `quack.mlp` imports, else torch. quack runs on CUDA
-tensors only; on CPU tensors the torch path runs (a model built on a GPU machine can still be evaluated on CPU).
+tensors in bf16/fp16 (under autocast) only; on CPU tensors or in a full-fp32 run the torch path runs instead (a
+model built on a GPU machine can still be evaluated on CPU or in fp32).
 """
 
 from __future__ import annotations
@@ -42,13 +43,22 @@ def swiglu_torch(x: torch.Tensor, w_in: nn.Linear, w_out: nn.Linear) -> torch.Te
 
 
 def swiglu_quack(x: torch.Tensor, w_in: nn.Linear, w_out: nn.Linear) -> torch.Tensor:
-    if not x.is_cuda:
+    half = torch.is_autocast_enabled("cuda") or x.dtype in (torch.bfloat16, torch.float16)
+    if not (x.is_cuda and half):  # CPU tensors, or a full-fp32 run: quack's kernels are bf16/fp16 only
         return swiglu_torch(x, w_in, w_out)
     from quack.mlp import mlp_func
 
     # concat_layout: w_in rows are [W_gate; W_up] (ours), not quack's default interleaved gate/up columns.
     # tuned=False: quack's heuristic tile config, no autotuning sweep at the first call.
-    return mlp_func(x, w_in.weight, w_out.weight, activation="swiglu", concat_layout=True, tuned=False)
+    out = mlp_func(
+        x.reshape(-1, x.shape[-1]),  # (N, D): the layout measured and tested; (B, S, D) is flattened
+        w_in.weight,
+        w_out.weight,
+        activation="swiglu",
+        concat_layout=True,
+        tuned=False,
+    )
+    return out.view(*x.shape[:-1], out.shape[-1])
 
 
 @functools.cache
