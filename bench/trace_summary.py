@@ -1,7 +1,8 @@
 """Summaries of a torch.profiler trace of training steps: where the GPU time goes and where it idles.
 
 Used by `bench/train_step.py --profile`. From the exported Chrome trace it reports, per step:
-  * GPU kernel time by category (GEMM, attention, Triton pointwise, other) and the top kernels;
+  * GPU kernel time by category (GEMM, attention, "triton" = inductor-generated `triton_*` kernels, other, which
+    includes hand-written Triton kernels such as the RoPE and loss rows) and the top kernels;
   * idle time between consecutive kernels ("gaps"), in total and the largest gaps with the kernels around them
     (a gap after a host sync or a slow launch shows up here, not in any kernel's time);
   * for copies and uncategorized kernels, the CPU ops that launched them;

@@ -300,11 +300,15 @@ def _(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, scale):
 def _fa4_setup_context(ctx, inputs, output) -> None:
     q, k, v, cu_seqlens, max_seqlen, scale = inputs
     out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # no zero-filled gradient for lse
     ctx.save_for_backward(q, k, v, out, lse, cu_seqlens)
     ctx.max_seqlen, ctx.scale = max_seqlen, scale
 
 
 def _fa4_backward(ctx, dout, _dlse):
+    if dout is None:  # the output was not used
+        return None, None, None, None, None, None
     q, k, v, out, lse, cu_seqlens = ctx.saved_tensors
     dq, dk, dv = torch.ops.neobert.fa4_varlen_bwd(
         dout, q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, ctx.scale
@@ -375,11 +379,14 @@ def _fa4_qkv_setup_context(ctx, inputs, output) -> None:
     qkv, cos, sin, cu_seqlens, max_seqlen, scale = inputs
     out, lse, q, k = output
     ctx.mark_non_differentiable(lse, q, k)
+    ctx.set_materialize_grads(False)  # no zero-filled (T, N, H) gradients for q, k, lse: 3 passes saved
     ctx.save_for_backward(q, k, qkv, out, lse, cos, sin, cu_seqlens)
     ctx.max_seqlen, ctx.scale = max_seqlen, scale
 
 
 def _fa4_qkv_backward(ctx, dout, _dlse, _dq, _dk):
+    if dout is None:  # the output was not used
+        return None, None, None, None, None, None
     q, k, qkv, out, lse, cos, sin, cu_seqlens = ctx.saved_tensors
     dqkv = torch.ops.neobert.fa4_qkv_varlen_bwd(
         dout, q, k, qkv, out, lse, cos, sin, cu_seqlens, ctx.max_seqlen, ctx.scale

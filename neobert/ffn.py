@@ -44,7 +44,10 @@ def swiglu_torch(x: torch.Tensor, w_in: nn.Linear, w_out: nn.Linear) -> torch.Te
 
 def swiglu_quack(x: torch.Tensor, w_in: nn.Linear, w_out: nn.Linear) -> torch.Tensor:
     half = torch.is_autocast_enabled("cuda") or x.dtype in (torch.bfloat16, torch.float16)
-    if not (x.is_cuda and half):  # CPU tensors, or a full-fp32 run: quack's kernels are bf16/fp16 only
+    # quack's kernels: CUDA, bf16/fp16, widths that are multiples of 8 (16 for the gated GEMM), at least one row
+    # (the sparse last layer can get a micro-batch without masked tokens); anything else runs the torch ops
+    fits = x.shape[-1] % 8 == 0 and w_in.out_features % 16 == 0 and w_out.out_features % 8 == 0
+    if not (x.is_cuda and half and fits and x.numel() > 0):
         return swiglu_torch(x, w_in, w_out)
     from quack.mlp import mlp_func
 

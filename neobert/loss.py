@@ -83,7 +83,7 @@ class MaskedRows(NamedTuple):
         """The same rows on `device`. Gathering on the CPU labels (before the batch is copied) and moving the
         result with non_blocking=True from pinned memory is what keeps the training step free of host syncs."""
         idx, target, num = self.idx, self.target, self.num_masked
-        if non_blocking and idx.device.type == "cpu":
+        if non_blocking and idx.device.type == "cpu" and torch.device(device).type == "cuda":
             idx, target, num = idx.pin_memory(), target.pin_memory(), num.pin_memory()
         return MaskedRows(
             idx.to(device, non_blocking=non_blocking),

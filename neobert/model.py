@@ -377,10 +377,15 @@ class NeoBERTForMLM(nn.Module):
         without it the masked positions are gathered here, with one host sync."""
         if labels.shape != input_ids.shape:
             raise ValueError(f"labels {tuple(labels.shape)} must match input_ids {tuple(input_ids.shape)}")
-        if masked is not None and masked.idx.device != input_ids.device:
+        if masked is not None and (
+            masked.idx.device != input_ids.device
+            or masked.count > input_ids.shape[0]
+            or masked.idx.shape[0] != masked.count
+        ):
             raise ValueError(
-                f"masked rows are on {masked.idx.device} but input_ids on {input_ids.device}; pass "
-                f"model.masked_rows(labels_cpu).to(device, non_blocking=True)"
+                f"masked rows ({masked.count} rows on {masked.idx.device}) do not belong to this batch of "
+                f"{input_ids.shape[0]} tokens on {input_ids.device}; pass "
+                f"model.masked_rows(labels_cpu).to(device, non_blocking=True) for the same labels"
             )
         if labels.ndim != 1:
             hidden = self.encoder(input_ids, meta)  # (T, D)

@@ -727,8 +727,8 @@ class PretrainRunner:
             vocab_size=self.cfg.model.vocab_size,
             strategy=self.cfg.train.mask_strategy,
         )
-        num_masked = int((labels != -100).sum())
         masked = self.raw_model.masked_rows(labels)  # on the CPU: the model's step then has no host sync
+        num_masked = masked.count
         dev, nb = self.device, self.device.type == "cuda"
         if nb:
             ids, labels = ids.pin_memory(), labels.pin_memory()

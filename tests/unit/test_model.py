@@ -341,6 +341,10 @@ def test_mlm_with_masked_rows_gathered_ahead_matches(sparse: bool) -> None:
     assert masked.count == int((labels != -100).sum()) > 0
     assert torch.equal(res[0][0], res[1][0]) and torch.equal(res[0][1], res[1][1])
     assert torch.equal(res[0][2], res[1][2])
-    wrong = masked._replace(idx=masked.idx.to("meta"))
-    with pytest.raises(ValueError, match="masked_rows"):
-        model(ids, meta, labels, masked=wrong)
+    for wrong in (
+        masked._replace(idx=masked.idx.to("meta")),  # another device
+        masked._replace(count=sum(lengths) + 1),  # rows of another batch
+        masked._replace(idx=masked.idx[:-1]),  # count and rows disagree
+    ):
+        with pytest.raises(ValueError, match="masked_rows"):
+            model(ids, meta, labels, masked=wrong)

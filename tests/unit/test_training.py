@@ -264,3 +264,33 @@ def test_grad_accumulation_exact_with_neobert_packed_batches():
     )
     print(f"NeoBERT accumulated vs packed-as-one max |grad diff|: {max_diff:.3e}")
     assert max_diff < 1e-5
+
+
+def test_train_step_passes_cpu_gathered_masked_rows_to_the_model():
+    """MicroBatch.masked (NeoBERTForMLM.masked_rows on the CPU labels, what the trainer does) reaches the model
+    as `masked=` and gives the same step as letting the model gather (which syncs on a GPU)."""
+    from neobert.model import NeoBERTConfig, NeoBERTForMLM
+    from neobert.packing import PackedMeta
+
+    torch.manual_seed(0)
+    cfg = NeoBERTConfig.preset("tiny", attn_backend="sdpa")
+    models = [NeoBERTForMLM(cfg), NeoBERTForMLM(cfg)]
+    models[1].load_state_dict(models[0].state_dict())
+    lengths = [12, 30, 22]
+    meta = PackedMeta.from_lengths(lengths)
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(5, 1000, (sum(lengths),), generator=g)
+    labels = torch.where(torch.rand(len(ids), generator=g) < 0.25, ids, torch.full_like(ids, IGNORE_INDEX))
+    calls = []
+    stats = []
+    for with_masked, m in zip((False, True), models, strict=True):
+        masked = m.masked_rows(labels).to("cpu", non_blocking=True) if with_masked else None
+        forward = m.forward
+        m.forward = lambda *a, _f=forward, **kw: calls.append(kw.get("masked")) or _f(*a, **kw)
+        mb = MicroBatch(ids, labels, meta, int((labels != IGNORE_INDEX).sum()), len(ids), masked=masked)
+        opt = torch.optim.SGD(m.parameters(), lr=0.1)
+        stats.append(train_step(m, opt, None, [mb], max_grad_norm=1.0))
+    assert calls[0] is None and calls[1] is not None and calls[1].count == int((labels != IGNORE_INDEX).sum())
+    assert torch.equal(stats[0].loss_sum, stats[1].loss_sum)
+    for p0, p1 in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        assert torch.equal(p0, p1)  # the same update
