@@ -74,6 +74,12 @@ if [[ $PART == V4 ]]; then  # final check of session 3: GPU tests, then the defa
     $B 120 $T $flags 2>&1 | grep -E '^\{|Error' | python3 -c "$KEYS"
   done
 fi
+if [[ $PART == N4 ]]; then  # not run yet (next session): quack's autotuned FFN GEMMs vs its heuristic configs
+  T="python3 bench/train_step.py --compile --variants packed --bf16-residual --json-out $OUT/train_step.jsonl"
+  for flags in "--quack-tuned" "" "--quack-tuned" ""; do
+    $B 280 $T $flags 2>&1 | grep -E '^\{|Error' | python3 -c "$KEYS"
+  done
+fi
 if [[ $PART == A ]]; then
   nvidia-smi -L
   $B 200 python3 -m pytest -q -rs tests/unit/test_loss_gpu.py tests/unit/test_model_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -8

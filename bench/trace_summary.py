@@ -129,10 +129,12 @@ def gemm_table(prof, num_steps: int) -> list[dict]:
     for e in prof.key_averages(group_by_input_shape=True):
         if e.key not in ("aten::mm", "aten::addmm") or not e.input_shapes:
             continue
-        shapes = [s for s in e.input_shapes if isinstance(s, list) and len(s) == 2]
-        if len(shapes) < 2:
+        # mm(A, B[, out]) / addmm(bias, A, B, beta, alpha[, out]): A (m, k), B (k, n)
+        first = 1 if e.key == "aten::addmm" else 0
+        shapes = e.input_shapes[first : first + 2]
+        if len(shapes) < 2 or any(not isinstance(s, list) or len(s) != 2 for s in shapes):
             continue
-        (m, k), (_, n) = shapes[-2], shapes[-1]
+        (m, k), (_, n) = shapes
         dev_us = e.device_time_total
         if dev_us <= 0:
             continue

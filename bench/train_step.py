@@ -262,6 +262,7 @@ def run_variant(variant: str, cfg: NeoBERTConfig, steps: list[Step], args, devic
         "fused_rope": model.encoder.layers[0].qkv_attn_fn is not None,
         "host_masked": variant == "packed" and not args.device_masked,
         "ffn_backend": model.encoder.ffn_backend,
+        "quack_tuned": args.quack_tuned,
         "max_seqlen_mode": args.max_seqlen_mode if variant == "packed" else None,
         "tokens_per_step": args.tokens_per_step,
         "max_seq_len": args.max_seq_len,
@@ -374,6 +375,11 @@ def main(argv: list[str] | None = None) -> None:
         "--backend", default="auto", help="attention backend: auto | fa4 | flash_attn | torch_varlen | sdpa"
     )
     p.add_argument("--ffn-backend", default="auto", help="SwiGLU FFN: auto | quack | torch (neobert/ffn.py)")
+    p.add_argument(
+        "--quack-tuned",
+        action="store_true",
+        help="quack FFN with its autotuning sweep (neobert.ffn.QUACK_TUNED)",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile every encoder block")
     p.add_argument(
         "--compile-mode",
@@ -431,6 +437,10 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
 
     device = torch.device(args.device)
+    if args.quack_tuned:
+        import neobert.ffn
+
+        neobert.ffn.QUACK_TUNED = True
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     cfg = NeoBERTConfig.preset(

@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 
 FFN_BACKENDS = ("quack", "torch")
 QUACK_MIN_CAPABILITY = 9
+# quack's autotuning sweep over GEMM configs at the first call of each shape (compiles many kernels; cached on
+# disk) instead of its heuristic config. Off: not measured yet (bench/train_step.py --quack-tuned sets it).
+QUACK_TUNED = False
 
 # (x (.., D), w_in: Linear(D, 2F), w_out: Linear(F, D)) -> (.., D)
 FfnFn = Callable[[torch.Tensor, nn.Linear, nn.Linear], torch.Tensor]
@@ -52,14 +55,14 @@ def swiglu_quack(x: torch.Tensor, w_in: nn.Linear, w_out: nn.Linear) -> torch.Te
     from quack.mlp import mlp_func
 
     # concat_layout: w_in rows are [W_gate; W_up] (ours), not quack's default interleaved gate/up columns.
-    # tuned=False: quack's heuristic tile config, no autotuning sweep at the first call.
+    # tuned=QUACK_TUNED (False): quack's heuristic tile config, no autotuning sweep at the first call.
     out = mlp_func(
         x.reshape(-1, x.shape[-1]),  # (N, D): the layout measured and tested; (B, S, D) is flattened
         w_in.weight,
         w_out.weight,
         activation="swiglu",
         concat_layout=True,
-        tuned=False,
+        tuned=QUACK_TUNED,
     )
     return out.view(*x.shape[:-1], out.shape[-1])
 
