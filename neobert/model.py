@@ -52,9 +52,7 @@ class NeoBERTConfig:
     pad_token_id: int = 0  # [PAD]; its embedding row starts at zero and never receives gradient
     initializer_range: float = 0.02  # std of the normal init (output projections scaled by 1/sqrt(2L))
     fp32_residual: bool = True  # residual stream in fp32 under autocast; False = autocast dtype (~5% faster)
-    ffn_backend: str = (
-        "auto"  # "auto" | "quack" | "torch": SwiGLU in GEMM epilogues (quack) or as torch ops (ffn.py)
-    )
+    ffn_backend: str = "auto"  # "auto" | "quack" | "torch": SwiGLU in GEMM epilogues or torch ops (ffn.py)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size"):
