@@ -342,8 +342,8 @@ def _fa4_qkv_fwd_op(
 @_fa4_qkv_fwd_op.register_fake
 def _(qkv, cos, sin, cu_seqlens, max_seqlen, scale):
     T, _, N, H = qkv.shape
-    q = qkv.new_empty((T, N, H))
-    return q.new_empty((T, N, H)), q.new_empty((N, T), dtype=torch.float32), q, q.new_empty((T, N, H))
+    out, q, k = (qkv.new_empty((T, N, H)) for _ in range(3))
+    return out, qkv.new_empty((N, T), dtype=torch.float32), q, k
 
 
 @torch.library.custom_op("neobert::fa4_qkv_varlen_bwd", mutates_args=())

@@ -24,6 +24,8 @@ import functools
 
 import torch
 
+from neobert.model import apply_rope
+
 BLOCK_T = 32  # tokens per program: 32 x 12 heads x 64 = 24k elements in flight per direction
 
 
@@ -130,13 +132,8 @@ def _halves(cos_TH: torch.Tensor, sin_TH: torch.Tensor) -> tuple[torch.Tensor, t
 
 
 def rope_split_torch(qkv_T3NH, cos_TH, sin_TH) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference for `rope_split` (same formula as the kernel, fp32 math)."""
-    c, s = _halves(cos_TH, sin_TH)
-    out = []
-    for x in (qkv_T3NH[:, 0], qkv_T3NH[:, 1]):
-        x1, x2 = x.float().chunk(2, dim=-1)
-        out.append(torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype))
-    return out[0], out[1]
+    """Reference for `rope_split`: the model's own `apply_rope` on the q and k slices."""
+    return apply_rope(qkv_T3NH[:, 0], cos_TH, sin_TH), apply_rope(qkv_T3NH[:, 1], cos_TH, sin_TH)
 
 
 def rope_backward_torch_(dqkv_T3NH, cos_TH, sin_TH) -> torch.Tensor:
