@@ -20,8 +20,8 @@ B="timeout -s INT -k 10"
 KEYS='import sys, json
 for line in sys.stdin:
     d = json.loads(line) if line.startswith("{") else {"line": line.strip()}
-    print({k: d[k] for k in ("ffn_backend", "fused_rope", "host_masked", "tokens_per_s", "step_ms", "mfu",
-           "host_syncs_per_step", "sync_sites", "peak_mem_gib", "new_graphs_in_timed_loop", "line") if k in d})'
+    print({k: d[k] for k in ("ffn_backend", "quack_tuned", "fused_rope", "host_masked", "tokens_per_s", "step_ms", "mfu",
+           "host_syncs_per_step", "sync_sites", "peak_mem_gib", "new_graphs_in_timed_loop", "warmup_s", "line") if k in d})'
 
 RAY_TAR=.device/ray-cp312.tar.xz PACKED=$PWD/.device/packed1024
 if [[ $PART == *4 ]]; then
@@ -74,11 +74,19 @@ if [[ $PART == V4 ]]; then  # final check of session 3: GPU tests, then the defa
     $B 120 $T $flags 2>&1 | grep -E '^\{|Error' | python3 -c "$KEYS"
   done
 fi
-if [[ $PART == N4 ]]; then  # not run yet (next session): quack's autotuned FFN GEMMs vs its heuristic configs
+if [[ $PART == H4 ]]; then  # session 4: GPU tests of session 3's last code, then where the host time goes
+  nvidia-smi -L
+  $B 240 python3 -m pytest -q -rs -s tests/unit/test_model_gpu.py tests/unit/test_loss_gpu.py 2>&1 \
+      | tee "$OUT/gpu_tests.log" | grep -E "passed|failed|Error" | tail -8
+  $B 200 python3 bench/train_step.py --compile --variants packed --bf16-residual --host-profile "$OUT/host" \
+      --json-out "$OUT/train_step_host.jsonl" 2>&1 | grep -E '^\{|Error' | tee "$OUT/host.json" | python3 -c "$KEYS"
+  python3 -c "import json; d=json.loads(open('$OUT/host.json').read().splitlines()[-1]); print(json.dumps(d.get('host'), indent=0)[:3000])"
+fi
+if [[ $PART == N4 ]]; then  # quack's autotuned FFN GEMMs vs its heuristic configs (tuned first: it autotunes)
   T="python3 bench/train_step.py --compile --variants packed --bf16-residual --json-out $OUT/train_step.jsonl"
-  for flags in "--quack-tuned" "" "--quack-tuned" ""; do
-    $B 280 $T $flags 2>&1 | grep -E '^\{|Error' | python3 -c "$KEYS"
-  done
+  $B 290 $T --quack-tuned 2>&1 | grep -E '^\{|Error' | python3 -c "$KEYS"
+  $B 140 $T 2>&1 | grep -E '^\{|Error' | python3 -c "$KEYS"
+  $B 140 $T --quack-tuned 2>&1 | grep -E '^\{|Error' | python3 -c "$KEYS"
 fi
 if [[ $PART == A ]]; then
   nvidia-smi -L

@@ -134,7 +134,16 @@ def build(cfg: NeoBERTConfig, args, device, *, dynamic: bool = False):
     return model, opt
 
 
-def packed_step(model, opt, step: Step, args, device) -> torch.Tensor:
+def packed_step(model, opt, step: Step, args, device, marks: list | None = None) -> torch.Tensor:
+    """One training step; `marks` (host-overhead probe) gets (phase, perf_counter, CUDA event) after each phase."""
+
+    def mark(phase: str) -> None:
+        if marks is not None:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            marks.append((phase, time.perf_counter(), ev))
+
+    mark("start")
     meta = PackedMeta(
         step.cu_seqlens,
         max_seqlen_for(step, args.max_seqlen_mode, args.max_seq_len),
@@ -147,10 +156,13 @@ def packed_step(model, opt, step: Step, args, device) -> torch.Tensor:
         masked = model.masked_rows(step.labels_cpu).to(device, non_blocking=device.type == "cuda")
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         out = model(step.input_ids, meta, step.labels, masked=masked)
+    mark("forward")
     loss = out.loss_sum / step.num_masked  # the trainer divides by the global masked count
     loss.backward()
+    mark("backward")
     opt.step()
     opt.zero_grad(set_to_none=True)
+    mark("optimizer")
     return loss.detach()
 
 
@@ -289,6 +301,8 @@ def run_variant(variant: str, cfg: NeoBERTConfig, steps: list[Step], args, devic
     }
     if args.profile and device.type == "cuda":
         res["profile"] = profile(fn, model, opt, timed[:3], args, device, variant)
+    if args.host_profile and device.type == "cuda" and variant == "packed":
+        res["host"] = host_profile(model, opt, timed[:3], args, device)
     del model, opt
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -331,6 +345,52 @@ def profile(fn, model, opt, steps, args, device, variant) -> dict:
     if args.profile_out:
         Path(f"{args.profile_out}.{variant}.summary.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def host_profile(model, opt, steps: list[Step], args, device) -> dict:
+    """Is the step host-bound? Per phase (forward / backward / optimizer): the CPU time to enqueue it, measured
+    while a long spin kernel holds the GPU so the CPU never waits on it, and the GPU time of the same phase
+    fully fed (CUDA events; the queue was filled while the GPU spun). Then cProfile over the same steps: the
+    Python functions that cost the host most, written to `--host-profile PREFIX.txt`."""
+    import cProfile
+    import io
+    import pstats
+
+    phases = ("forward", "backward", "optimizer")
+    host = {p: [] for p in phases}
+    gpu = {p: [] for p in phases}
+    for s in steps:
+        sync(device)
+        torch.cuda._sleep(int(2e9))  # ~1 s of spinning on the GPU: the CPU enqueues the whole step meanwhile
+        marks: list = []
+        packed_step(model, opt, s, args, device, marks)
+        sync(device)
+        for (_, t0, e0), (name, t1, e1) in zip(marks, marks[1:], strict=False):
+            host[name].append(1000 * (t1 - t0))
+            gpu[name].append(e0.elapsed_time(e1))
+    out = {
+        "host_ms": {p: float(np.median(host[p])) for p in phases},
+        "gpu_fed_ms": {p: float(np.median(gpu[p])) for p in phases},
+    }
+    prof = cProfile.Profile()
+    sync(device)
+    prof.enable()
+    for s in steps:
+        packed_step(model, opt, s, args, device)
+    sync(device)
+    prof.disable()
+    buf = io.StringIO()
+    st = pstats.Stats(prof, stream=buf)
+    st.sort_stats("tottime").print_stats(45)
+    st.sort_stats("cumulative").print_stats(70)
+    Path(args.host_profile).parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{args.host_profile}.txt").write_text(buf.getvalue())
+    rows = sorted(st.stats.items(), key=lambda kv: -kv[1][2])[:15]  # (file, line, fn) -> (cc, nc, tt, ct, ..)
+    out["top_tottime_ms_per_step"] = [
+        [f"{Path(k[0]).name}:{k[1]}:{k[2]}", round(1000 * v[2] / len(steps), 2), v[1] // len(steps)]
+        for k, v in rows
+    ]
+    return out
 
 
 def memory_sweep(cfg: NeoBERTConfig, args, device) -> list[dict]:
@@ -430,6 +490,12 @@ def main(argv: list[str] | None = None) -> None:
         help="torch.profiler over 3 steps; kernel/gap/GEMM summary in the JSON",
     )
     p.add_argument("--profile-out", default=None, help="write the profiler table to PREFIX.<variant>.txt")
+    p.add_argument(
+        "--host-profile",
+        default=None,
+        metavar="PREFIX",
+        help="host (CPU) time vs fully-fed GPU time per phase, and a cProfile of 3 steps to PREFIX.txt",
+    )
     p.add_argument("--memory-sweep", action="store_true")
     p.add_argument("--sweep-tokens", type=int, nargs="+", default=[8192, 16384, 32768, 65536, 131072])
     p.add_argument("--sweep-max-seq-len", type=int, nargs="+", default=[1024, 4096, 8192])
