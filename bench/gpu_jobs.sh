@@ -20,7 +20,7 @@ B="timeout -s INT -k 10"
 KEYS='import sys, json
 for line in sys.stdin:
     d = json.loads(line) if line.startswith("{") else {"line": line.strip()}
-    print({k: d[k] for k in ("ffn_backend", "quack_tuned", "fused_rope", "host_masked", "tokens_per_s", "step_ms", "mfu",
+    print({k: d[k] for k in ("ffn_backend", "nvmmh", "tokens_per_step", "fused_rope", "host_masked", "tokens_per_s", "step_ms", "mfu",
            "host_syncs_per_step", "sync_sites", "peak_mem_gib", "new_graphs_in_timed_loop", "warmup_s", "line") if k in d})'
 
 RAY_TAR=.device/ray-cp312.tar.xz PACKED=$PWD/.device/packed1024
@@ -81,6 +81,17 @@ if [[ $PART == H4 ]]; then  # session 4: GPU tests of session 3's last code, the
   $B 200 python3 bench/train_step.py --compile --variants packed --bf16-residual --host-profile "$OUT/host" \
       --json-out "$OUT/train_step_host.jsonl" 2>&1 | grep -E '^\{|Error' | tee "$OUT/host.json" | python3 -c "$KEYS"
   python3 -c "import json; d=json.loads(open('$OUT/host.json').read().splitlines()[-1]); print(json.dumps(d.get('host'), indent=0)[:3000])"
+fi
+if [[ $PART == I4 ]]; then  # quack without nvMatmulHeuristics: import retried per GEMM vs guarded vs installed
+  # carry .nvmmh (the nvidia-matmul-heuristics wheel, quack's optional `heuristics` extra) besides .fa4b
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/nvmmh .nvmmh/*.whl >/dev/null 2>&1
+  T="python3 bench/train_step.py --compile --variants packed --bf16-residual --json-out $OUT/train_step.jsonl"
+  NV="env PYTHONPATH=/tmp/nvmmh:$PYTHONPATH"
+  for run in "$T" "$T --no-nvmmh-guard" "$NV $T" "$T" \
+             "$T --tokens-per-step 8192 --steps 10 --warmup 4" "$T --tokens-per-step 8192 --steps 10 --warmup 4 --no-nvmmh-guard" \
+             "$NV $T --tokens-per-step 8192 --steps 10 --warmup 4"; do
+    $B 110 $run 2>&1 | grep -E '^\{|Error' | python3 -c "$KEYS"
+  done
 fi
 if [[ $PART == N4 ]]; then  # quack's autotuned FFN GEMMs vs its heuristic configs (tuned first: it autotunes)
   T="python3 bench/train_step.py --compile --variants packed --bf16-residual --json-out $OUT/train_step.jsonl"

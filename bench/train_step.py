@@ -36,6 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: neobert/ and bench/
 
+from neobert.ffn import nvmmh_state  # noqa: E402
 from neobert.model import NeoBERTConfig, NeoBERTForMLM  # noqa: E402
 from neobert.packing import PackedMeta  # noqa: E402
 
@@ -275,6 +276,7 @@ def run_variant(variant: str, cfg: NeoBERTConfig, steps: list[Step], args, devic
         "host_masked": variant == "packed" and not args.device_masked,
         "ffn_backend": model.encoder.ffn_backend,
         "quack_tuned": args.quack_tuned,
+        "nvmmh": nvmmh_state() if model.encoder.ffn_backend == "quack" else None,
         "max_seqlen_mode": args.max_seqlen_mode if variant == "packed" else None,
         "tokens_per_step": args.tokens_per_step,
         "max_seq_len": args.max_seq_len,
@@ -440,6 +442,11 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="quack FFN with its autotuning sweep (neobert.ffn.QUACK_TUNED)",
     )
+    p.add_argument(
+        "--no-nvmmh-guard",
+        action="store_true",
+        help="quack FFN without nvMatmulHeuristics: let every GEMM retry the failed import (the session-3 state)",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile every encoder block")
     p.add_argument(
         "--compile-mode",
@@ -503,10 +510,10 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
 
     device = torch.device(args.device)
-    if args.quack_tuned:
-        import neobert.ffn
+    import neobert.ffn
 
-        neobert.ffn.QUACK_TUNED = True
+    neobert.ffn.QUACK_TUNED = args.quack_tuned
+    neobert.ffn.GUARD_MISSING_NVMMH = not args.no_nvmmh_guard
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     cfg = NeoBERTConfig.preset(

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import logging
+import sys
 from collections.abc import Callable
 
 import torch
@@ -33,6 +35,14 @@ QUACK_MIN_CAPABILITY = 9
 # quack's autotuning sweep over GEMM configs at the first call of each shape (compiles many kernels; cached on
 # disk) instead of its heuristic config. Off: not measured yet (bench/train_step.py --quack-tuned sets it).
 QUACK_TUNED = False
+
+# quack's untuned plain GEMMs (4 of the FFN's 6 per layer: forward w_out, backward dx, dW_in, dW_out) ask
+# nvMatmulHeuristics, an optional extra (`quack-kernels[heuristics]`), for a tile config on every call. Without it
+# that import fails on every call and, since Python does not cache failed imports, searches all of sys.path
+# again: 112 failed imports per step of the base model, the largest Python cost of the step in the session-4
+# host profile (docs/benchmarks.md). `guard_missing_nvmmh` makes the import fail at once instead.
+GUARD_MISSING_NVMMH = True
+NVMMH_MODULE = "nvMatmulHeuristics"
 
 # (x (.., D), w_in: Linear(D, 2F), w_out: Linear(F, D)) -> (.., D)
 FfnFn = Callable[[torch.Tensor, nn.Linear, nn.Linear], torch.Tensor]
@@ -98,6 +108,24 @@ def resolve_ffn_backend(requested: str = "auto", *, quack_available: bool | None
     return "quack" if available else "torch"
 
 
+def guard_missing_nvmmh() -> bool:
+    """If nvMatmulHeuristics is not installed, put None under its name in sys.modules (Python's documented
+    negative entry: `import` then raises ModuleNotFoundError at once, without searching sys.path). quack then
+    falls back to its default GEMM config exactly as before, only without the search. Returns whether the
+    entry was set; an installed (or already imported, or already guarded) module is left alone."""
+    if NVMMH_MODULE in sys.modules or importlib.util.find_spec(NVMMH_MODULE) is not None:
+        return False
+    sys.modules[NVMMH_MODULE] = None
+    return True
+
+
+def nvmmh_state() -> str:
+    """'installed' | 'guarded' (missing, import fails at once) | 'missing' (each quack GEMM searches again)."""
+    if NVMMH_MODULE in sys.modules:
+        return "guarded" if sys.modules[NVMMH_MODULE] is None else "installed"
+    return "installed" if importlib.util.find_spec(NVMMH_MODULE) is not None else "missing"
+
+
 def swiglu_ffn_fn(name: str) -> FfnFn:
     return {"quack": swiglu_quack, "torch": swiglu_torch}[name]
 
@@ -105,6 +133,8 @@ def swiglu_ffn_fn(name: str) -> FfnFn:
 def build_ffn(requested: str = "auto") -> tuple[str, FfnFn]:
     """Resolve `requested` once and return (name, ffn function). Logs the choice once per process."""
     name = resolve_ffn_backend(requested)
+    if name == "quack" and GUARD_MISSING_NVMMH:
+        guard_missing_nvmmh()
     if (requested, name) not in _logged:
         _logged.add((requested, name))
         log.info("ffn backend: %s (requested %r)", name, requested)

@@ -39,3 +39,41 @@ def test_swiglu_matches_definition_and_quack_falls_back_on_cpu_tensors() -> None
     expected = (torch.nn.functional.silu(gate) * up) @ w_out.weight.T
     torch.testing.assert_close(swiglu_torch(x, w_in, w_out), expected)
     torch.testing.assert_close(swiglu_quack(x, w_in, w_out), expected)  # CPU tensors: the torch path
+
+
+def test_missing_nvmmh_is_guarded_so_imports_fail_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """quack asks nvMatmulHeuristics for a config on every plain GEMM; when it is missing the guard turns the
+    repeated sys.path search into an immediate ModuleNotFoundError, and leaves an importable module alone."""
+    import sys
+
+    import neobert.ffn as ffn
+
+    name = "neobert_test_missing_nvmmh"  # a module that does not exist anywhere
+    monkeypatch.setattr(ffn, "NVMMH_MODULE", name)
+    monkeypatch.delitem(sys.modules, name, raising=False)
+    assert ffn.nvmmh_state() == "missing"
+    assert ffn.guard_missing_nvmmh() is True
+    assert sys.modules[name] is None and ffn.nvmmh_state() == "guarded"
+    with pytest.raises(ModuleNotFoundError):
+        __import__(name)  # answered from sys.modules: no search of sys.path
+    assert ffn.guard_missing_nvmmh() is False  # already guarded: nothing to do
+    monkeypatch.delitem(sys.modules, name)
+
+    monkeypatch.setattr(ffn, "NVMMH_MODULE", "json")  # an importable module is never shadowed
+    assert ffn.guard_missing_nvmmh() is False
+    assert ffn.nvmmh_state() == "installed"
+    import json
+
+    assert json.dumps([1]) == "[1]"
+
+
+def test_build_ffn_guards_nvmmh_only_for_quack(monkeypatch: pytest.MonkeyPatch) -> None:
+    import neobert.ffn as ffn
+
+    calls = []
+    monkeypatch.setattr(ffn, "guard_missing_nvmmh", lambda: calls.append(1) or True)
+    monkeypatch.setattr(ffn, "have_quack", lambda: True)
+    assert ffn.build_ffn("torch")[0] == "torch" and not calls
+    assert ffn.build_ffn("quack")[0] == "quack" and calls == [1]
+    monkeypatch.setattr(ffn, "GUARD_MISSING_NVMMH", False)
+    assert ffn.build_ffn("quack")[0] == "quack" and calls == [1]
