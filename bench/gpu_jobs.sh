@@ -20,7 +20,7 @@ B="timeout -s INT -k 10"
 KEYS='import sys, json
 for line in sys.stdin:
     d = json.loads(line) if line.startswith("{") else {"line": line.strip()}
-    print({k: d[k] for k in ("ffn_backend", "nvmmh", "tokens_per_step", "fused_rope", "host_masked", "tokens_per_s", "step_ms", "mfu",
+    print({k: d[k] for k in ("ffn_backend", "rows_ffn", "quack_tuned", "nvmmh", "tokens_per_step", "fused_rope", "host_masked", "tokens_per_s", "step_ms", "mfu",
            "host_syncs_per_step", "sync_sites", "peak_mem_gib", "new_graphs_in_timed_loop", "warmup_s", "line") if k in d})'
 
 RAY_TAR=.device/ray-cp312.tar.xz PACKED=$PWD/.device/packed1024
@@ -92,6 +92,15 @@ if [[ $PART == I4 ]]; then  # quack without nvMatmulHeuristics: import retried p
              "$NV $T --tokens-per-step 8192 --steps 10 --warmup 4"; do
     $B 110 $run 2>&1 | grep -E '^\{|Error' | python3 -c "$KEYS"
   done
+fi
+if [[ $PART == J4 ]]; then  # GPU tests; torch FFN on the sparse rows (new default) vs quack there; quack tuned
+  $B 200 python3 -m pytest -q -rs -s tests/unit/test_model_gpu.py tests/unit/test_loss_gpu.py 2>&1 \
+      | tee "$OUT/gpu_tests.log" | grep -E "passed|failed|Error" | tail -8
+  T="python3 bench/train_step.py --compile --variants packed --bf16-residual --json-out $OUT/train_step.jsonl"
+  $B 100 $T 2>&1 | grep -E '^\{|Error' | python3 -c "$KEYS"
+  $B 100 $T --same-ffn-on-rows 2>&1 | grep -E '^\{|Error' | python3 -c "$KEYS"
+  $B 250 $T --quack-tuned 2>&1 | grep -E '^\{|Error' | python3 -c "$KEYS"
+  $B 100 $T 2>&1 | grep -E '^\{|Error' | python3 -c "$KEYS"
 fi
 if [[ $PART == N4 ]]; then  # quack's autotuned FFN GEMMs vs its heuristic configs (tuned first: it autotunes)
   T="python3 bench/train_step.py --compile --variants packed --bf16-residual --json-out $OUT/train_step.jsonl"

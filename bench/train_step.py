@@ -128,6 +128,9 @@ def build(cfg: NeoBERTConfig, args, device, *, dynamic: bool = False):
     if args.unfused_rope:
         for block in model.encoder.layers:
             block.qkv_attn_fn = None  # RoPE as its own (inductor-fused) step, attention on q, k, v
+    if args.same_ffn_on_rows:
+        for block in model.encoder.layers:
+            block.rows_ffn_fn = block.ffn_fn  # the sparse last layer's rows through quack too (session 3)
     if args.compile:
         kw = {"mode": args.compile_mode} if args.compile_mode else {}
         model.encoder.compile_layers(dynamic=(args.dynamic or dynamic) or None, **kw)
@@ -276,6 +279,7 @@ def run_variant(variant: str, cfg: NeoBERTConfig, steps: list[Step], args, devic
         "host_masked": variant == "packed" and not args.device_masked,
         "ffn_backend": model.encoder.ffn_backend,
         "quack_tuned": args.quack_tuned,
+        "rows_ffn": model.encoder.layers[-1].rows_ffn_fn.__name__,
         "nvmmh": nvmmh_state() if model.encoder.ffn_backend == "quack" else None,
         "max_seqlen_mode": args.max_seqlen_mode if variant == "packed" else None,
         "tokens_per_step": args.tokens_per_step,
@@ -446,6 +450,12 @@ def main(argv: list[str] | None = None) -> None:
         "--no-nvmmh-guard",
         action="store_true",
         help="quack FFN without nvMatmulHeuristics: let every GEMM retry the failed import (the session-3 state)",
+    )
+    p.add_argument(
+        "--same-ffn-on-rows",
+        action="store_true",
+        help="the sparse last layer's masked rows through the model's FFN backend too (quack; session 3) instead "
+        "of the torch FFN",
     )
     p.add_argument("--compile", action="store_true", help="torch.compile every encoder block")
     p.add_argument(

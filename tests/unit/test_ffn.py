@@ -77,3 +77,36 @@ def test_build_ffn_guards_nvmmh_only_for_quack(monkeypatch: pytest.MonkeyPatch) 
     assert ffn.build_ffn("quack")[0] == "quack" and calls == [1]
     monkeypatch.setattr(ffn, "GUARD_MISSING_NVMMH", False)
     assert ffn.build_ffn("quack")[0] == "quack" and calls == [1]
+
+
+def test_sparse_last_layer_rows_take_the_torch_ffn(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With quack chosen, the dense blocks use it, but the sparse last layer's masked rows run the torch FFN
+    (quack's GEMMs are slower at ~20% of the rows); the dense path of the same block still uses quack."""
+    import neobert.ffn as ffn
+    from neobert.packing import PackedMeta
+
+    monkeypatch.setattr(ffn, "have_quack", lambda: True)
+    monkeypatch.setattr(ffn, "guard_missing_nvmmh", lambda: False)
+    calls: list[str] = []
+
+    def spy(name, fn):
+        def wrapped(x, w_in, w_out):
+            calls.append(f"{name}:{x.shape[0]}")
+            return fn(x, w_in, w_out)
+
+        return wrapped
+
+    monkeypatch.setattr(ffn, "swiglu_ffn_fn", lambda name: spy("quack", swiglu_torch))
+    import neobert.model as model_mod
+
+    monkeypatch.setattr(model_mod, "swiglu_torch", spy("torch", swiglu_torch))
+    cfg = NeoBERTConfig.preset("tiny", ffn_backend="quack")
+    enc = NeoBERT(cfg)
+    assert enc.ffn_backend == "quack"
+    ids = torch.randint(5, cfg.vocab_size, (12,))
+    meta = PackedMeta.from_lengths([5, 7])
+    enc(ids, meta, output_rows=torch.tensor([1, 4, 9]))
+    assert calls == ["quack:12", "torch:3"]  # block 0 dense (quack), last block on 3 rows (torch)
+    calls.clear()
+    enc(ids, meta)
+    assert calls == ["quack:12", "quack:12"]  # no rows: the last block is dense and uses quack
