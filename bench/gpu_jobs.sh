@@ -102,6 +102,16 @@ if [[ $PART == J4 ]]; then  # GPU tests; torch FFN on the sparse rows (new defau
   $B 250 $T --quack-tuned 2>&1 | grep -E '^\{|Error' | python3 -c "$KEYS"
   $B 100 $T 2>&1 | grep -E '^\{|Error' | python3 -c "$KEYS"
 fi
+if [[ $PART == K4 ]]; then  # session 4 final: autotuned quack FFN (bench), then the Ray pretrain job with it
+  # earlier calls stash .fa4a in /tmp/fa4stash and .device/{ray-cp312.tar.xz,packed1024} in /tmp/raystash
+  T="python3 bench/train_step.py --compile --variants packed --bf16-residual --json-out $OUT/train_step.jsonl"
+  $B 200 $T --quack-tuned 2>&1 | grep -E '^\{|Error' | python3 -c "$KEYS"
+  tar xJf $RAY_TAR -C /tmp/site
+  $B 300 python3 jobs/pretrain.py --config configs/pretrain_base_1gpu.yaml --data.packed_dir $PACKED \
+      --checkpoint.storage_path /tmp/runs --train.num_steps 120 --checkpoint.every_steps 120 \
+      --logging.every_steps 10 2>&1 | tee "$OUT/pretrain.log" | grep -vE "^\(|INFO|WARNING" | tail -12
+  find /tmp/runs -name metrics.jsonl -exec cp {} "$OUT/pretrain_metrics.jsonl" \;
+fi
 if [[ $PART == N4 ]]; then  # quack's autotuned FFN GEMMs vs its heuristic configs (tuned first: it autotunes)
   T="python3 bench/train_step.py --compile --variants packed --bf16-residual --json-out $OUT/train_step.jsonl"
   $B 290 $T --quack-tuned 2>&1 | grep -E '^\{|Error' | python3 -c "$KEYS"

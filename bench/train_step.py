@@ -279,6 +279,7 @@ def run_variant(variant: str, cfg: NeoBERTConfig, steps: list[Step], args, devic
         "host_masked": variant == "packed" and not args.device_masked,
         "ffn_backend": model.encoder.ffn_backend,
         "quack_tuned": args.quack_tuned,
+        "packed_ffn": model.encoder.layers[0].packed_ffn_fn.__name__,
         "rows_ffn": model.encoder.layers[-1].rows_ffn_fn.__name__,
         "nvmmh": nvmmh_state() if model.encoder.ffn_backend == "quack" else None,
         "max_seqlen_mode": args.max_seqlen_mode if variant == "packed" else None,
@@ -444,7 +445,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--quack-tuned",
         action="store_true",
-        help="quack FFN with its autotuning sweep (neobert.ffn.QUACK_TUNED)",
+        help="NeoBERTConfig(ffn_autotune=True): quack autotunes its FFN GEMMs for the token budget (~90 s once)",
     )
     p.add_argument(
         "--no-nvmmh-guard",
@@ -522,7 +523,6 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     import neobert.ffn
 
-    neobert.ffn.QUACK_TUNED = args.quack_tuned
     neobert.ffn.GUARD_MISSING_NVMMH = not args.no_nvmmh_guard
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -532,6 +532,7 @@ def main(argv: list[str] | None = None) -> None:
         max_position_embeddings=max(8192, args.max_seq_len),
         fp32_residual=not args.bf16_residual,
         ffn_backend=args.ffn_backend,
+        ffn_autotune=args.quack_tuned,
     )
     results = []
     if args.memory_sweep:

@@ -32,9 +32,6 @@ log = logging.getLogger(__name__)
 
 FFN_BACKENDS = ("quack", "torch")
 QUACK_MIN_CAPABILITY = 9
-# quack's autotuning sweep over GEMM configs at the first call of each shape (compiles many kernels; cached on
-# disk) instead of its heuristic config. Off: not measured yet (bench/train_step.py --quack-tuned sets it).
-QUACK_TUNED = False
 
 # quack's untuned plain GEMMs (4 of the FFN's 6 per layer: forward w_out, backward dx, dW_in, dW_out) ask
 # nvMatmulHeuristics, an optional extra (`quack-kernels[heuristics]`), for a tile config on every call. Without it
@@ -55,7 +52,10 @@ def swiglu_torch(x: torch.Tensor, w_in: nn.Linear, w_out: nn.Linear) -> torch.Te
     return w_out(F.silu(gate) * up)
 
 
-def swiglu_quack(x: torch.Tensor, w_in: nn.Linear, w_out: nn.Linear) -> torch.Tensor:
+def swiglu_quack(x: torch.Tensor, w_in: nn.Linear, w_out: nn.Linear, *, tuned: bool = False) -> torch.Tensor:
+    """`tuned`: quack autotunes the tile config of each of its GEMMs at the first call of every new shape (a
+    sweep of ~20-40 compiled kernels per GEMM, ~90 s for the base model's six on an H100, kept in quack's disk
+    cache) instead of taking its heuristic config. Only for static shapes: a new row count tunes again."""
     half = torch.is_autocast_enabled("cuda") or x.dtype in (torch.bfloat16, torch.float16)
     # quack's kernels: CUDA, bf16/fp16, widths that are multiples of 8 (16 for the gated GEMM), at least one row
     # (the sparse last layer can get a micro-batch without masked tokens); anything else runs the torch ops
@@ -65,14 +65,13 @@ def swiglu_quack(x: torch.Tensor, w_in: nn.Linear, w_out: nn.Linear) -> torch.Te
     from quack.mlp import mlp_func
 
     # concat_layout: w_in rows are [W_gate; W_up] (ours), not quack's default interleaved gate/up columns.
-    # tuned=QUACK_TUNED (False): quack's heuristic tile config, no autotuning sweep at the first call.
     out = mlp_func(
         x.reshape(-1, x.shape[-1]),  # (N, D): the layout measured and tested; (B, S, D) is flattened
         w_in.weight,
         w_out.weight,
         activation="swiglu",
         concat_layout=True,
-        tuned=QUACK_TUNED,
+        tuned=tuned,
     )
     return out.view(*x.shape[:-1], out.shape[-1])
 
@@ -126,8 +125,14 @@ def nvmmh_state() -> str:
     return "installed" if importlib.util.find_spec(NVMMH_MODULE) is not None else "missing"
 
 
-def swiglu_ffn_fn(name: str) -> FfnFn:
-    return {"quack": swiglu_quack, "torch": swiglu_torch}[name]
+def swiglu_quack_tuned(x: torch.Tensor, w_in: nn.Linear, w_out: nn.Linear) -> torch.Tensor:
+    return swiglu_quack(x, w_in, w_out, tuned=True)
+
+
+def swiglu_ffn_fn(name: str, *, autotune: bool = False) -> FfnFn:
+    if name == "quack":
+        return swiglu_quack_tuned if autotune else swiglu_quack
+    return swiglu_torch
 
 
 def build_ffn(requested: str = "auto") -> tuple[str, FfnFn]:

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from neobert.attention import BACKENDS, build_attention, fused_rope_attention, padded_attention
-from neobert.ffn import FFN_BACKENDS, build_ffn, swiglu_torch
+from neobert.ffn import FFN_BACKENDS, build_ffn, swiglu_ffn_fn, swiglu_torch
 from neobert.loss import MaskedLMLoss, MaskedRows
 from neobert.packing import PackedMeta, validate_packed_meta
 
@@ -53,6 +53,9 @@ class NeoBERTConfig:
     initializer_range: float = 0.02  # std of the normal init (output projections scaled by 1/sqrt(2L))
     fp32_residual: bool = True  # residual stream in fp32 under autocast; False = autocast dtype (~5% faster)
     ffn_backend: str = "auto"  # "auto" | "quack" | "torch": SwiGLU in GEMM epilogues or torch ops (ffn.py)
+    # quack: autotune its GEMM tiles for the packed path's token count (once per shape and machine, ~90 s for
+    # base, disk-cached; +3% tokens/s on an H100). Only with a static token budget per micro-batch (pretraining)
+    ffn_autotune: bool = False
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size"):
@@ -76,6 +79,8 @@ class NeoBERTConfig:
             )
         if self.attn_backend != "auto" and self.attn_backend not in BACKENDS:
             raise ValueError(f"attn_backend={self.attn_backend!r}; choose 'auto' or one of {BACKENDS}")
+        if not isinstance(self.ffn_autotune, bool):
+            raise ValueError(f"NeoBERTConfig.ffn_autotune must be true or false, got {self.ffn_autotune!r}")
         if self.ffn_backend != "auto" and self.ffn_backend not in FFN_BACKENDS:
             raise ValueError(f"ffn_backend={self.ffn_backend!r}; choose 'auto' or one of {FFN_BACKENDS}")
         if self.rms_norm_eps <= 0 or self.rope_theta <= 0 or self.initializer_range <= 0:
@@ -160,12 +165,20 @@ class NeoBERTBlock(nn.Module):
     """
 
     def __init__(
-        self, cfg: NeoBERTConfig, attn_fn, qkv_attn_fn=None, ffn_fn=swiglu_torch, rows_ffn_fn=None
+        self,
+        cfg: NeoBERTConfig,
+        attn_fn,
+        qkv_attn_fn=None,
+        ffn_fn=swiglu_torch,
+        *,
+        packed_ffn_fn=None,
+        rows_ffn_fn=None,
     ) -> None:
         """`attn_fn` (q, k, v, meta, scale) is the packed attention; `qkv_attn_fn` (qkv, cos, sin, meta, scale),
         when the backend has one, replaces RoPE + `attn_fn` on the packed path (RoPE fused into the kernel op);
-        `ffn_fn` (x, w_in, w_out) is the SwiGLU feed-forward (neobert/ffn.py); `rows_ffn_fn` (default: the
-        same) runs it when `forward` gets `rows` (the sparse last layer's few masked rows)."""
+        `ffn_fn` (x, w_in, w_out) is the SwiGLU feed-forward (neobert/ffn.py). Two variants default to it:
+        `packed_ffn_fn` on every token of a packed stream, `rows_ffn_fn` when `forward` gets `rows` (the sparse
+        last layer's masked rows)."""
         super().__init__()
         D, F_ = cfg.hidden_size, cfg.ffn_hidden_size
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
@@ -173,6 +186,7 @@ class NeoBERTBlock(nn.Module):
         self.attn_fn = attn_fn
         self.qkv_attn_fn = qkv_attn_fn
         self.ffn_fn = ffn_fn
+        self.packed_ffn_fn = ffn_fn if packed_ffn_fn is None else packed_ffn_fn
         self.rows_ffn_fn = ffn_fn if rows_ffn_fn is None else rows_ffn_fn
         self.attn_norm = RMSNorm(D, cfg.rms_norm_eps)
         self.qkv = nn.Linear(D, 3 * D, bias=False)  # fused [Wq; Wk; Wv]: one GEMM instead of three
@@ -209,7 +223,9 @@ class NeoBERTBlock(nn.Module):
         after attention (out_proj, FFN), and the block returns (M, D): exact for those rows, ~70% of the
         block's work skipped for the others."""
         qkv = self._qkv(x)  # (T, 3, N, H) | (B, S, 3, N, H)
+        ffn_fn = self.ffn_fn
         if isinstance(layout, PackedMeta):
+            ffn_fn = self.packed_ffn_fn if rows is None else self.rows_ffn_fn
             if self.qkv_attn_fn is not None:
                 attn = self.qkv_attn_fn(qkv, cos, sin, layout, self.scale)  # (T, N, H)
             else:
@@ -224,7 +240,7 @@ class NeoBERTBlock(nn.Module):
             q, k, v = (t.transpose(1, 2) for t in self._rope(qkv, cos, sin))  # (B, N, S, H)
             attn = padded_attention(q, k, v, layout, self.scale).transpose(1, 2)  # (B, S, N, H)
         x = x + self.out_proj(attn.flatten(-2))
-        return self._ffn(x, self.ffn_fn if rows is None else self.rows_ffn_fn)
+        return self._ffn(x, ffn_fn)
 
 
 class NeoBERT(nn.Module):
@@ -238,10 +254,14 @@ class NeoBERT(nn.Module):
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
         qkv_attn_fn = fused_rope_attention(self.attn_backend)  # fa4: RoPE inside the attention op
         self.ffn_backend, ffn_fn = build_ffn(cfg.ffn_backend)  # decided once, logged once
-        # The sparse last layer's FFN sees only the masked rows (~20% of T): there quack's GEMMs are slower than
-        # cuBLAS + the inductor-fused SwiGLU (13,107 rows on an H100: 2.00 vs 1.54 ms fwd+bwd), so it uses torch.
+        # Packed tokens: with ffn_autotune, quack's GEMMs autotuned for the (static) token budget. The sparse last
+        # layer's masked rows (~20% of T, a new count every step): the torch FFN, because quack is slower there
+        # (13,107 rows on an H100: 2.00 vs 1.54 ms fwd+bwd) and an autotuned GEMM would tune again for each count.
+        packed_ffn_fn = swiglu_ffn_fn(self.ffn_backend, autotune=cfg.ffn_autotune)
         self.layers = nn.ModuleList(
-            NeoBERTBlock(cfg, attn_fn, qkv_attn_fn, ffn_fn, rows_ffn_fn=swiglu_torch)
+            NeoBERTBlock(
+                cfg, attn_fn, qkv_attn_fn, ffn_fn, packed_ffn_fn=packed_ffn_fn, rows_ffn_fn=swiglu_torch
+            )
             for _ in range(cfg.num_layers)
         )
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)

@@ -79,34 +79,48 @@ def test_build_ffn_guards_nvmmh_only_for_quack(monkeypatch: pytest.MonkeyPatch) 
     assert ffn.build_ffn("quack")[0] == "quack" and calls == [1]
 
 
-def test_sparse_last_layer_rows_take_the_torch_ffn(monkeypatch: pytest.MonkeyPatch) -> None:
-    """With quack chosen, the dense blocks use it, but the sparse last layer's masked rows run the torch FFN
-    (quack's GEMMs are slower at ~20% of the rows); the dense path of the same block still uses quack."""
+@pytest.mark.parametrize("autotune", [False, True])
+def test_ffn_variants_per_path(monkeypatch: pytest.MonkeyPatch, autotune: bool) -> None:
+    """With quack chosen: every token of a packed stream goes through quack (autotuned with ffn_autotune), the
+    sparse last layer's masked rows through the torch FFN (quack is slower there and would re-tune for every
+    row count), and padded batches through quack's heuristic configs (their shapes vary: never autotuned)."""
     import neobert.ffn as ffn
+    import neobert.model as model_mod
     from neobert.packing import PackedMeta
 
     monkeypatch.setattr(ffn, "have_quack", lambda: True)
     monkeypatch.setattr(ffn, "guard_missing_nvmmh", lambda: False)
     calls: list[str] = []
 
-    def spy(name, fn):
+    def spy(name):
         def wrapped(x, w_in, w_out):
-            calls.append(f"{name}:{x.shape[0]}")
-            return fn(x, w_in, w_out)
+            calls.append(f"{name}:{x.reshape(-1, x.shape[-1]).shape[0]}")
+            return swiglu_torch(x, w_in, w_out)
 
         return wrapped
 
-    monkeypatch.setattr(ffn, "swiglu_ffn_fn", lambda name: spy("quack", swiglu_torch))
-    import neobert.model as model_mod
+    def fake_ffn_fn(name, *, autotune=False):
+        return spy(name + ("-tuned" if autotune else ""))
 
-    monkeypatch.setattr(model_mod, "swiglu_torch", spy("torch", swiglu_torch))
-    cfg = NeoBERTConfig.preset("tiny", ffn_backend="quack")
+    monkeypatch.setattr(ffn, "swiglu_ffn_fn", fake_ffn_fn)
+    monkeypatch.setattr(model_mod, "swiglu_ffn_fn", fake_ffn_fn)
+    monkeypatch.setattr(model_mod, "swiglu_torch", spy("torch"))
+    cfg = NeoBERTConfig.preset("tiny", ffn_backend="quack", ffn_autotune=autotune)
     enc = NeoBERT(cfg)
     assert enc.ffn_backend == "quack"
+    packed = "quack-tuned" if autotune else "quack"
     ids = torch.randint(5, cfg.vocab_size, (12,))
     meta = PackedMeta.from_lengths([5, 7])
     enc(ids, meta, output_rows=torch.tensor([1, 4, 9]))
-    assert calls == ["quack:12", "torch:3"]  # block 0 dense (quack), last block on 3 rows (torch)
+    assert calls == [f"{packed}:12", "torch:3"]  # block 0 on every token, the last block on 3 rows
     calls.clear()
     enc(ids, meta)
-    assert calls == ["quack:12", "quack:12"]  # no rows: the last block is dense and uses quack
+    assert calls == [f"{packed}:12", f"{packed}:12"]  # no rows: the last block runs every token too
+    calls.clear()
+    enc.forward_padded(ids.view(2, 6), torch.ones(2, 6, dtype=torch.long))
+    assert calls == ["quack:12", "quack:12"]  # padded: heuristic configs, never autotuned
+
+
+def test_ffn_autotune_must_be_bool() -> None:
+    with pytest.raises(ValueError, match="ffn_autotune"):
+        NeoBERTConfig.preset("tiny", ffn_autotune="yes")

@@ -26,7 +26,8 @@ def test_default_config_is_tiny_two_cpu_workers():
 
 def test_base_gpu_config_inherits_and_expands_preset():
     cfg = load_pretrain_config(CONFIGS / "pretrain_base_1gpu.yaml")
-    assert cfg.model == NeoBERTConfig.preset("base", fp32_residual=False)  # bf16 residual on the GPU config
+    # bf16 residual and quack autotuned for the static token budget on the GPU config
+    assert cfg.model == NeoBERTConfig.preset("base", fp32_residual=False, ffn_autotune=True)
     assert cfg.scaling.use_gpu and cfg.scaling.num_workers == 1
     assert cfg.train.tokens_per_micro_batch == 65536 and cfg.data.pack_tokens == 1024
     assert cfg.failure.max_failures == 0 and cfg.logging.eval_every_steps == 100  # own keys win over base
