@@ -112,12 +112,6 @@ if [[ $PART == K4 ]]; then  # session 4 final: autotuned quack FFN (bench), then
       --logging.every_steps 10 2>&1 | tee "$OUT/pretrain.log" | grep -vE "^\(|INFO|WARNING" | tail -12
   find /tmp/runs -name metrics.jsonl -exec cp {} "$OUT/pretrain_metrics.jsonl" \;
 fi
-if [[ $PART == N4 ]]; then  # quack's autotuned FFN GEMMs vs its heuristic configs (tuned first: it autotunes)
-  T="python3 bench/train_step.py --compile --variants packed --bf16-residual --json-out $OUT/train_step.jsonl"
-  $B 290 $T --quack-tuned 2>&1 | grep -E '^\{|Error' | python3 -c "$KEYS"
-  $B 140 $T 2>&1 | grep -E '^\{|Error' | python3 -c "$KEYS"
-  $B 140 $T --quack-tuned 2>&1 | grep -E '^\{|Error' | python3 -c "$KEYS"
-fi
 if [[ $PART == A ]]; then
   nvidia-smi -L
   $B 200 python3 -m pytest -q -rs tests/unit/test_loss_gpu.py tests/unit/test_model_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -8
