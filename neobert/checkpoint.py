@@ -123,7 +123,10 @@ def load_model_dir(path: str | Path) -> ModelDir:
         raise ValueError(
             f"{d / CONFIG_FILE}: format {meta.get('format')!r}, this code reads {FORMAT_VERSION}"
         )
-    cfg = from_dict(NeoBERTConfig, meta["model"])
+    # ffn_autotune is a setting of the pretraining run (a static token budget per micro-batch); what loads a model
+    # dir next (contrastive fine-tuning, evaluation, export) feeds varying token counts, for which quack would
+    # autotune again at every new count. config.json keeps the run's value; the loaded config has it off.
+    cfg = dataclasses.replace(from_dict(NeoBERTConfig, meta["model"]), ffn_autotune=False)
     return ModelDir(
         cfg=cfg,
         state_dict=load_file(str(d / MODEL_FILE)),

@@ -36,8 +36,9 @@ QUACK_MIN_CAPABILITY = 9
 # quack's untuned plain GEMMs (4 of the FFN's 6 per layer: forward w_out, backward dx, dW_in, dW_out) ask
 # nvMatmulHeuristics, an optional extra (`quack-kernels[heuristics]`), for a tile config on every call. Without it
 # that import fails on every call and, since Python does not cache failed imports, searches all of sys.path
-# again: 112 failed imports per step of the base model, the largest Python cost of the step in the session-4
-# host profile (docs/benchmarks.md). `guard_missing_nvmmh` makes the import fail at once instead.
+# again: 112 failed imports per step of the base model, the largest avoidable Python cost of the step in the
+# session-4 host profile (docs/benchmarks.md). `guard_missing_nvmmh` makes the import fail at once instead; a
+# package installed later in the same process stays hidden until `del sys.modules["nvMatmulHeuristics"]`.
 GUARD_MISSING_NVMMH = True
 NVMMH_MODULE = "nvMatmulHeuristics"
 
@@ -130,6 +131,9 @@ def swiglu_quack_tuned(x: torch.Tensor, w_in: nn.Linear, w_out: nn.Linear) -> to
 
 
 def swiglu_ffn_fn(name: str, *, autotune: bool = False) -> FfnFn:
+    """The FFN function of backend `name`; `autotune` picks quack's autotuned variant (no effect for torch)."""
+    if name not in FFN_BACKENDS:
+        raise ValueError(f"unknown ffn backend {name!r}; choose one of {FFN_BACKENDS}")
     if name == "quack":
         return swiglu_quack_tuned if autotune else swiglu_quack
     return swiglu_torch

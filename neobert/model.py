@@ -24,6 +24,7 @@ State-dict layout (fixed; `neobert/hf` exports against it), L = layer index:
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import asdict, dataclass
 
@@ -34,6 +35,8 @@ from neobert.attention import BACKENDS, build_attention, fused_rope_attention, p
 from neobert.ffn import FFN_BACKENDS, build_ffn, swiglu_ffn_fn, swiglu_torch
 from neobert.loss import MaskedLMLoss, MaskedRows
 from neobert.packing import PackedMeta, validate_packed_meta
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -258,6 +261,12 @@ class NeoBERT(nn.Module):
         # layer's masked rows (~20% of T, a new count every step): the torch FFN, because quack is slower there
         # (13,107 rows on an H100: 2.00 vs 1.54 ms fwd+bwd) and an autotuned GEMM would tune again for each count.
         packed_ffn_fn = swiglu_ffn_fn(self.ffn_backend, autotune=cfg.ffn_autotune)
+        if cfg.ffn_autotune and self.ffn_backend != "quack":
+            log.warning(
+                "ffn_autotune=True has no effect: the FFN backend here is %r (autotuning is quack's; it needs "
+                "quack-kernels and a GPU of compute capability >= 9.0)",
+                self.ffn_backend,
+            )
         self.layers = nn.ModuleList(
             NeoBERTBlock(
                 cfg, attn_fn, qkv_attn_fn, ffn_fn, packed_ffn_fn=packed_ffn_fn, rows_ffn_fn=swiglu_torch

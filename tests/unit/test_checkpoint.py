@@ -63,3 +63,15 @@ def test_bad_dirs_have_actionable_errors(tmp_path):
     (tmp_path / "m" / CONFIG_FILE).write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="format 99"):
         load_model_dir(tmp_path / "m")
+
+
+def test_loaded_model_dirs_do_not_autotune(tmp_path):
+    """ffn_autotune belongs to the pretraining run (static token budget): config.json records it, but what loads
+    the dir (fine-tuning, evaluation, export) gets it off, so varying token counts never re-tune quack's GEMMs."""
+    cfg = NeoBERTConfig.preset("tiny", ffn_autotune=True)
+    torch.manual_seed(0)
+    save_model_dir(tmp_path / "m", NeoBERTForMLM(cfg), cfg)
+    assert json.loads((tmp_path / "m" / CONFIG_FILE).read_text())["model"]["ffn_autotune"] is True
+    assert load_model_dir(tmp_path / "m").cfg.ffn_autotune is False
+    assert load_encoder(tmp_path / "m").config.ffn_autotune is False
+    assert load_mlm(tmp_path / "m").config.ffn_autotune is False

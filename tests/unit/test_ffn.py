@@ -57,7 +57,7 @@ def test_missing_nvmmh_is_guarded_so_imports_fail_at_once(monkeypatch: pytest.Mo
     with pytest.raises(ModuleNotFoundError):
         __import__(name)  # answered from sys.modules: no search of sys.path
     assert ffn.guard_missing_nvmmh() is False  # already guarded: nothing to do
-    monkeypatch.delitem(sys.modules, name)
+    del sys.modules[name]  # (not through monkeypatch, which would put the None back at teardown)
 
     monkeypatch.setattr(ffn, "NVMMH_MODULE", "json")  # an importable module is never shadowed
     assert ffn.guard_missing_nvmmh() is False
@@ -121,6 +121,20 @@ def test_ffn_variants_per_path(monkeypatch: pytest.MonkeyPatch, autotune: bool) 
     assert calls == ["quack:12", "quack:12"]  # padded: heuristic configs, never autotuned
 
 
-def test_ffn_autotune_must_be_bool() -> None:
+def test_ffn_autotune_must_be_bool_and_warns_where_it_does_nothing(caplog: pytest.LogCaptureFixture) -> None:
     with pytest.raises(ValueError, match="ffn_autotune"):
         NeoBERTConfig.preset("tiny", ffn_autotune="yes")
+    with caplog.at_level("WARNING", logger="neobert.model"):
+        enc = NeoBERT(NeoBERTConfig.preset("tiny", ffn_autotune=True))  # CPU: the torch FFN
+    assert enc.ffn_backend == "torch" and enc.layers[0].packed_ffn_fn is swiglu_torch
+    assert "ffn_autotune=True has no effect" in caplog.text
+
+
+def test_ffn_fn_lookup() -> None:
+    from neobert.ffn import swiglu_ffn_fn, swiglu_quack_tuned
+
+    assert swiglu_ffn_fn("quack") is swiglu_quack
+    assert swiglu_ffn_fn("quack", autotune=True) is swiglu_quack_tuned
+    assert swiglu_ffn_fn("torch", autotune=True) is swiglu_torch
+    with pytest.raises(ValueError, match="unknown ffn backend"):
+        swiglu_ffn_fn("cublas")
