@@ -138,3 +138,37 @@ def test_ffn_fn_lookup() -> None:
     assert swiglu_ffn_fn("torch", autotune=True) is swiglu_torch
     with pytest.raises(ValueError, match="unknown ffn backend"):
         swiglu_ffn_fn("cublas")
+
+
+@pytest.mark.parametrize("fn_name, tuned", [("swiglu_quack", False), ("swiglu_quack_tuned", True)])
+def test_quack_call_passes_tuned_and_concat_layout(
+    monkeypatch: pytest.MonkeyPatch, fn_name: str, tuned: bool
+):
+    """What reaches quack.mlp.mlp_func: a fake module stands in for quack, a tensor subclass for a CUDA tensor."""
+    import sys
+    import types
+
+    import neobert.ffn as ffn
+
+    seen = {}
+
+    def mlp_func(x, w1, w2, **kw):
+        seen.update(kw, x_shape=tuple(x.shape), w1=w1, w2=w2)
+        return torch.zeros(x.shape[0], w2.shape[0], dtype=x.dtype)
+
+    fake = types.ModuleType("quack.mlp")
+    fake.mlp_func = mlp_func
+    monkeypatch.setitem(sys.modules, "quack", types.ModuleType("quack"))
+    monkeypatch.setitem(sys.modules, "quack.mlp", fake)
+
+    class LooksCuda(torch.Tensor):
+        @property
+        def is_cuda(self):  # only the dispatch check in swiglu_quack reads it
+            return True
+
+    w_in, w_out = nn.Linear(64, 64, bias=False), nn.Linear(32, 64, bias=False)
+    x = torch.randn(2, 3, 64, dtype=torch.bfloat16).as_subclass(LooksCuda)
+    out = getattr(ffn, fn_name)(x, w_in, w_out)
+    assert seen["tuned"] is tuned and seen["concat_layout"] is True and seen["activation"] == "swiglu"
+    assert seen["x_shape"] == (6, 64) and seen["w1"] is w_in.weight and seen["w2"] is w_out.weight
+    assert tuple(out.shape) == (2, 3, 64)
