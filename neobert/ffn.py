@@ -108,22 +108,22 @@ def resolve_ffn_backend(requested: str = "auto", *, quack_available: bool | None
     return "quack" if available else "torch"
 
 
-def guard_missing_nvmmh() -> bool:
-    """If nvMatmulHeuristics is not installed, put None under its name in sys.modules (Python's documented
-    negative entry: `import` then raises ModuleNotFoundError at once, without searching sys.path). quack then
-    falls back to its default GEMM config exactly as before, only without the search. Returns whether the
-    entry was set; an installed (or already imported, or already guarded) module is left alone."""
-    if NVMMH_MODULE in sys.modules or importlib.util.find_spec(NVMMH_MODULE) is not None:
-        return False
-    sys.modules[NVMMH_MODULE] = None
-    return True
-
-
 def nvmmh_state() -> str:
     """'installed' | 'guarded' (missing, import fails at once) | 'missing' (each quack GEMM searches again)."""
     if NVMMH_MODULE in sys.modules:
         return "guarded" if sys.modules[NVMMH_MODULE] is None else "installed"
     return "installed" if importlib.util.find_spec(NVMMH_MODULE) is not None else "missing"
+
+
+def guard_missing_nvmmh() -> bool:
+    """If nvMatmulHeuristics is not installed, put None under its name in sys.modules (Python's documented
+    negative entry: `import` then raises ModuleNotFoundError at once, without searching sys.path). quack then
+    falls back to its default GEMM config exactly as before, only without the search. Returns whether the
+    entry was set; an installed (or already imported, or already guarded) module is left alone."""
+    if nvmmh_state() != "missing":
+        return False
+    sys.modules[NVMMH_MODULE] = None
+    return True
 
 
 def swiglu_quack_tuned(x: torch.Tensor, w_in: nn.Linear, w_out: nn.Linear) -> torch.Tensor:
