@@ -46,6 +46,8 @@ AUTO_MAP_BASE = {
     "AutoConfig": "configuration_neobert.NeoBERTConfig",
     "AutoModel": "modeling_neobert.NeoBERTModel",
     "AutoModelForSequenceClassification": "modeling_neobert.NeoBERTForSequenceClassification",
+    "AutoModelForTokenClassification": "modeling_neobert.NeoBERTForTokenClassification",
+    "AutoModelForQuestionAnswering": "modeling_neobert.NeoBERTForQuestionAnswering",
 }
 AUTO_MAP_MLM = {"AutoModelForMaskedLM": "modeling_neobert.NeoBERTForMaskedLM"}
 SPECIAL_TOKENS = {

@@ -18,6 +18,8 @@ _LAZY = {
     "NeoBERTModel": "modeling_neobert",
     "NeoBERTForMaskedLM": "modeling_neobert",
     "NeoBERTForSequenceClassification": "modeling_neobert",
+    "NeoBERTForTokenClassification": "modeling_neobert",
+    "NeoBERTForQuestionAnswering": "modeling_neobert",
 }
 __all__ = list(_LAZY)
 
