@@ -164,12 +164,12 @@ def load_eval_results(path: str | Path) -> dict[str, dict[str, dict[str, float]]
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(
-            f"error: {path}: cannot read evaluation results ({e}); pass a results.json of the evaluation harness"
+            f"{path}: cannot read evaluation results ({e}); pass a results.json of the evaluation harness"
         ) from e
 
     def bad(where: str, got: Any) -> ValueError:
         return ValueError(
-            f"error: {path}: {where} must be {{model: {{task: {{metric: number}}}}}}, got {type(got).__name__} "
+            f"{path}: {where} must be {{model: {{task: {{metric: number}}}}}}, got {type(got).__name__} "
             f"{str(got)[:60]!r}; pass the results.json written by the evaluation harness"
         )
 

@@ -129,7 +129,7 @@ def test_bad_results_json_fails_before_writing(tmp_path, bad, where):
     cfg = tiny_cfg()
     save_model_dir(tmp_path / "m", NeoBERTForMLM(cfg), cfg, kind="mlm")
     (tmp_path / "results.json").write_text(json.dumps(bad))
-    with pytest.raises(ValueError, match=rf"error: .*results.json: {where} must be \{{model: "):
+    with pytest.raises(ValueError, match=rf"results.json: {where} must be \{{model: "):
         export_hf(
             tmp_path / "m",
             tmp_path / "hf",
@@ -137,3 +137,32 @@ def test_bad_results_json_fails_before_writing(tmp_path, bad, where):
             eval_results=tmp_path / "results.json",
         )
     assert not (tmp_path / "hf").exists()
+
+
+def test_export_job_takes_eval_results_and_license(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "jobs" / "export_hf.py"
+    spec = importlib.util.spec_from_file_location("export_hf_job_card", path)
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    cfg = tiny_cfg()
+    save_model_dir(tmp_path / "m", NeoBERTForMLM(cfg), cfg, kind="mlm")
+    (tmp_path / "r.json").write_text(json.dumps(RESULTS))
+    args = [
+        str(tmp_path / "m"),
+        str(tmp_path / "hf"),
+        "--parity",
+        "false",
+        "--eval-results",
+        str(tmp_path / "r.json"),
+    ]
+    assert job.main([*args, "--license", "apache-2.0"]) == 0
+    card = (tmp_path / "hf" / "README.md").read_text()
+    assert front_matter(card)["license"] == "apache-2.0" and "| mteb/stsb | spearman | 0.4321 | – |" in card
+    (tmp_path / "r.json").write_text(json.dumps({"m": []}))
+    capsys.readouterr()
+    assert job.main([args[0], str(tmp_path / "hf2"), *args[2:]]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("export_hf: error: ") and "['m'] must be" in err[0], err
