@@ -99,7 +99,7 @@ def training_facts(md: Any) -> TrainingFacts:
     elif extra.get("converted_from"):
         facts = TrainingFacts(
             f"converted from the published NeoBERT weights ({extra['converted_from']}); see the original model card",
-            data_note="the original training data is described in the original model card",
+            data=[DataSource("the original NeoBERT training data", "unknown", "see the original model card")],
         )
     elif extra.get("trained_by") == "contrastive":
         cfg = extra.get("config") or {}
@@ -108,6 +108,7 @@ def training_facts(md: Any) -> TrainingFacts:
             "contrastive fine-tuning (in-batch negatives + hard negatives) of a NeoBERT encoder",
             steps=extra.get("step"),
             data=_user_sources([input_dir]) if input_dir else list(EMBEDDED_CONTRASTIVE),
+            data_note="fine-tuning data only; the initial model's own training data is in its card",
             init_from=(cfg.get("model") or {}).get("init") or None,
         )
     else:

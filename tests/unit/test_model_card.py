@@ -166,3 +166,39 @@ def test_export_job_takes_eval_results_and_license(tmp_path, capsys):
     assert job.main([args[0], str(tmp_path / "hf2"), *args[2:]]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("export_hf: error: ") and "['m'] must be" in err[0], err
+
+
+def test_training_facts_from_a_packed_dir_report_and_a_conversion(tmp_path):
+    from neobert.checkpoint import load_model_dir
+    from neobert.hf.model_card import card_license, training_facts
+
+    packed = tmp_path / "packed"
+    packed.mkdir()
+    (packed / "report.json").write_text(json.dumps({"config": {"input": ["s3://bucket/corpus/*.jsonl"]}}))
+    ckpt = pretrain_checkpoint(tmp_path / "ckpt", inputs=[], step=5, world_size=1)
+    state = torch.load(ckpt / "train_state.pt", weights_only=False)
+    state["config"]["data"]["packed_dir"] = str(packed)
+    torch.save(state, ckpt / "train_state.pt")
+    facts = training_facts(load_model_dir(ckpt))
+    assert [d.name for d in facts.data] == ["s3://bucket/corpus/*.jsonl"] and card_license(facts) == "other"
+    assert facts.steps == 5 and facts.tokens_seen == 5 * 1 * 3 * 2048 and str(packed) in facts.data_note
+
+    cfg = tiny_cfg()
+    save_model_dir(
+        tmp_path / "conv", NeoBERTForMLM(cfg), cfg, kind="mlm", extra={"converted_from": "/hub/NeoBERT"}
+    )
+    conv = training_facts(load_model_dir(tmp_path / "conv"))
+    assert "/hub/NeoBERT" in conv.objective and card_license(conv) == "other" and conv.tokens_seen is None
+    # counts a caller of save_model_dir recorded take precedence over the estimate
+    save_model_dir(
+        tmp_path / "rec",
+        NeoBERTForMLM(cfg),
+        cfg,
+        kind="mlm",
+        extra={"tokens_seen": 123456, "train_data": [{"name": "my corpus", "license": "cc0-1.0"}]},
+    )
+    rec = training_facts(load_model_dir(tmp_path / "rec"))
+    assert rec.tokens_seen == 123456 and rec.tokens_note == "recorded by the training run"
+    assert [(d.name, d.license) for d in rec.data] == [("my corpus", "cc0-1.0")] and card_license(
+        rec
+    ) == "apache-2.0"
