@@ -1,6 +1,7 @@
 """Export a NeoBERT model dir (or a training checkpoint holding one under model/) to a Hugging Face directory.
 
     python jobs/export_hf.py CHECKPOINT OUTDIR [--tokenizer DIR] [--parity false] [--overwrite true]
+                             [--eval-results results.json] [--license cc-by-sa-3.0]
     python jobs/export_hf.py --config configs/export.yaml --checkpoint CKPT --output OUTDIR
 
 The export is checked numerically against the training model before the job succeeds (see neobert/export.py).
@@ -114,6 +115,8 @@ def run(argv: list[str]) -> int:
             atol=cfg.atol,
             logits_atol=cfg.logits_atol,
             overwrite=cfg.overwrite,
+            eval_results=cfg.eval_results or None,
+            license=cfg.license,
         )
     print(json.dumps(dataclasses.asdict(report), indent=2))
     return 0

@@ -10,6 +10,8 @@
     OUTDIR/modules.json, sentence_bert_config.json, 1_Pooling/config.json
                                        only for a contrastive ("encoder" + pooling) model: a sentence-transformers dir
     OUTDIR/neobert_export.json         provenance and the parity numbers
+    OUTDIR/README.md                   model card (neobert/hf/model_card.py): architecture, training data, tokens
+                                       seen, evaluation scores (results.json), intended use, limitations, license
 
 An "mlm" model dir exports `NeoBERTForMaskedLM` (AutoModel loads its encoder); an "encoder" dir exports
 `NeoBERTModel`. Vocabulary rows are sliced from the padded training width to the real `vocab_size`.
@@ -37,6 +39,7 @@ from safetensors.torch import save_file
 
 from neobert.checkpoint import ModelDir, encoder_state_dict, load_model_dir
 from neobert.hf.keymap import training_to_hf
+from neobert.hf.model_card import load_eval_results, write_model_card
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +49,8 @@ AUTO_MAP_BASE = {
     "AutoConfig": "configuration_neobert.NeoBERTConfig",
     "AutoModel": "modeling_neobert.NeoBERTModel",
     "AutoModelForSequenceClassification": "modeling_neobert.NeoBERTForSequenceClassification",
+    "AutoModelForTokenClassification": "modeling_neobert.NeoBERTForTokenClassification",
+    "AutoModelForQuestionAnswering": "modeling_neobert.NeoBERTForQuestionAnswering",
 }
 AUTO_MAP_MLM = {"AutoModelForMaskedLM": "modeling_neobert.NeoBERTForMaskedLM"}
 SPECIAL_TOKENS = {
@@ -77,6 +82,8 @@ class ExportConfig:
     atol: float = 1e-5  # max |diff| of hidden states / sentence embeddings (fp32)
     logits_atol: float = 1e-4  # max |diff| of MLM logits (fp32; logits are ~sqrt(D) x larger than hidden)
     overwrite: bool = False  # replace a non-empty output dir
+    eval_results: str = ""  # results.json of the evaluation harness for README.md; "" = beside the checkpoint
+    license: str = ""  # model card license (Hub id); "" = derived from the training data
 
     def __post_init__(self) -> None:
         if self.atol <= 0 or self.logits_atol <= 0:
@@ -134,6 +141,8 @@ def export_hf(
     logits_atol: float = 1e-4,
     sentences: tuple[str, ...] | list[str] = PARITY_SENTENCES,
     overwrite: bool = False,
+    eval_results: str | Path | None = None,
+    license: str = "",
 ) -> ExportReport:
     """Write the HF directory for `checkpoint` (a model dir or a training checkpoint holding one under `model/`)
     into `outdir`, then (by default) verify it numerically. Returns the report also written to
@@ -141,6 +150,8 @@ def export_hf(
     from neobert.hf.configuration_neobert import NeoBERTConfig as HFConfig
 
     md = load_model_dir(checkpoint)
+    if eval_results:  # a bad results.json fails before anything is written
+        load_eval_results(eval_results)
     outdir = Path(outdir)
     if outdir.exists() and any(outdir.iterdir()):
         if not overwrite:
@@ -191,6 +202,7 @@ def export_hf(
         check_parity(md, outdir, tokenizer_dir, report, sentences=list(sentences))
         report.parity_checked = True
     (outdir / "neobert_export.json").write_text(json.dumps(dataclasses.asdict(report), indent=2) + "\n")
+    write_model_card(outdir, md, report, eval_results=eval_results or None, license=license)
     log.info(
         "[export] wrote %s (%s, %s)", outdir, report.architecture, "parity ok" if parity else "no parity"
     )

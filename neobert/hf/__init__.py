@@ -2,7 +2,8 @@
 
 `configuration_neobert.py` and `modeling_neobert.py` are self-contained (torch + transformers only): the export
 copies them next to the weights so `AutoModel.from_pretrained(dir, trust_remote_code=True)` works without this
-package installed. `keymap.py` maps training state-dict keys to these modules' keys.
+package installed. `keymap.py` maps training state-dict keys to these modules' keys; `model_card.py` renders
+the export's README.md.
 
 The classes are imported lazily, so `neobert.hf.keymap` (used by training code) does not import transformers.
 """
@@ -18,6 +19,8 @@ _LAZY = {
     "NeoBERTModel": "modeling_neobert",
     "NeoBERTForMaskedLM": "modeling_neobert",
     "NeoBERTForSequenceClassification": "modeling_neobert",
+    "NeoBERTForTokenClassification": "modeling_neobert",
+    "NeoBERTForQuestionAnswering": "modeling_neobert",
 }
 __all__ = list(_LAZY)
 

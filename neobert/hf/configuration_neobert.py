@@ -8,7 +8,10 @@ Differences from the training config (`neobert.model.NeoBERTConfig`):
   padded embedding / decoder rows off);
 - `intermediate_size` is the SwiGLU width F actually used by the weights (`w_in` has 2*F rows), i.e. the training
   config's `ffn_hidden_size`;
-- `num_hidden_layers` / `num_attention_heads` use the usual HF names.
+- `num_hidden_layers` / `num_attention_heads` use the usual HF names;
+- `unpad_inputs` chooses between padded attention and the unpadded (varlen) path of `modeling_neobert.py`
+  (see its docstring): None = unpad on CUDA when flash-attn or torch's `varlen_attn` is available, True =
+  always (a per-sequence SDPA reference where no kernel applies), False = never. Results agree either way.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ class NeoBERTConfig(PretrainedConfig):
         classifier_dropout: float = 0.0,
         pad_token_id: int = 0,
         tie_word_embeddings: bool = False,  # decoder.weight shares embeddings.weight
+        unpad_inputs: bool
+        | None = None,  # None = auto: unpadded (varlen) attention on CUDA when a kernel imports
         **kwargs,
     ):
         if hidden_size % num_attention_heads != 0:
@@ -42,6 +47,8 @@ class NeoBERTConfig(PretrainedConfig):
             )
         if (hidden_size // num_attention_heads) % 2 != 0:
             raise ValueError(f"head dim {hidden_size // num_attention_heads} must be even for RoPE")
+        if unpad_inputs not in (None, True, False):
+            raise ValueError(f"unpad_inputs must be true, false or null (auto), got {unpad_inputs!r}")
         if classifier_pooling not in ("cls", "mean"):
             raise ValueError(f"classifier_pooling must be 'cls' or 'mean', got {classifier_pooling!r}")
         self.vocab_size = vocab_size
@@ -55,6 +62,7 @@ class NeoBERTConfig(PretrainedConfig):
         self.initializer_range = initializer_range
         self.classifier_pooling = classifier_pooling
         self.classifier_dropout = classifier_dropout
+        self.unpad_inputs = unpad_inputs
         super().__init__(pad_token_id=pad_token_id, tie_word_embeddings=tie_word_embeddings, **kwargs)
 
     @property
