@@ -333,7 +333,9 @@ def _config_path(spec: JobSpec, inv: Invocation) -> str | None:
 def resolve(spec: JobSpec, inv: Invocation) -> tuple[Any, Context]:
     """(typed config, context): YAML + flags + overrides, with path keys resolved and `spec.prepare` applied."""
     path = _config_path(spec, inv)
-    if inv.config is not None:  # the user's own file: its top-level keys count as chosen by the user
+    default = Path(spec.default_config).resolve() if spec.default_config else None
+    if inv.config is not None and Path(inv.config).resolve() != default:
+        # the user's own file: the keys it sets (not those of its `base:`) count as chosen by the user
         own = read_yaml_file(inv.config)
         if isinstance(own, dict):
             inv.user_keys |= _flat_keys({k: v for k, v in own.items() if k != "base"})

@@ -250,3 +250,18 @@ def test_contrastive_refuses_an_unvalidated_dir_before_ray(tmp_path, capsys):
         == 2
     )
     assert "is not a validated contrastive dataset" in capsys.readouterr().err
+
+
+def test_keys_of_the_users_own_config_file_count_as_set(tmp_path):
+    d = packed_dir(tmp_path / "packed", 128)
+    own = tmp_path / "mine.yaml"
+    own.write_text(
+        f"base: {REPO / 'configs' / 'pretrain.yaml'}\ndata: {{pack_tokens: 256, packed_dir: {d}}}\n"
+    )
+    with pytest.raises(ValueError, match="data.pack_tokens=256 but"):
+        cli.load(job("pretrain").SPEC, ["--config", str(own)])
+    # the default config named explicitly is still the default: the data decides
+    cfg, ctx = cli.load(
+        job("pretrain").SPEC, ["--config", "configs/pretrain.yaml", "--data.packed_dir", str(d)]
+    )
+    assert cfg.data.pack_tokens == 128 and not ctx.user_set("data.pack_tokens")
