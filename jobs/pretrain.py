@@ -39,6 +39,7 @@ def prepare(cfg: PretrainConfig, ctx: cli.Context) -> list[str]:
     )
     if pack == cfg.data.pack_tokens:
         return []
+    contracts.check_pack_fits_model(cfg.data.packed_dir, pack, cfg.model.max_position_embeddings)
     budget = contracts.tokens_per_micro_batch_for(
         pack, cfg.train.tokens_per_micro_batch, user_set=ctx.user_set("train.tokens_per_micro_batch")
     )

@@ -88,6 +88,17 @@ def packed_pack_tokens(packed_dir: str, pack_tokens: int, *, user_set: bool) -> 
     return data_pack
 
 
+def check_pack_fits_model(packed_dir: str, pack_tokens: int, max_position_embeddings: int) -> None:
+    """Rows packed longer than the model's position range cannot train it: name both ways out."""
+    if pack_tokens > max_position_embeddings:
+        raise ValueError(
+            f"{packed_dir} was packed with pack_tokens={pack_tokens} ({_join(packed_dir, REPORT_FILE)}), more than "
+            f"model.max_position_embeddings={max_position_embeddings}; re-run preprocessing with "
+            f"`python jobs/preprocess.py --pack-tokens {max_position_embeddings} --output DIR`, or train a model "
+            f"with --model.max_position_embeddings {pack_tokens}"
+        )
+
+
 def tokens_per_micro_batch_for(pack_tokens: int, tokens_per_micro_batch: int, *, user_set: bool) -> int:
     """A micro-batch holds at least one packed row: an unset budget below the pack size is raised to it."""
     if tokens_per_micro_batch >= pack_tokens or user_set:

@@ -265,3 +265,13 @@ def test_keys_of_the_users_own_config_file_count_as_set(tmp_path):
         job("pretrain").SPEC, ["--config", "configs/pretrain.yaml", "--data.packed_dir", str(d)]
     )
     assert cfg.data.pack_tokens == 128 and not ctx.user_set("data.pack_tokens")
+
+
+def test_pack_size_beyond_the_models_positions_names_both_fixes(tmp_path, capsys):
+    d = packed_dir(
+        tmp_path / "packed", 8192
+    )  # jobs/preprocess.py's default; the tiny model has 1024 positions
+    assert cli.main(job("pretrain").SPEC, lambda c, x: 0, ["--data.packed_dir", str(d)]) == 2
+    err = capsys.readouterr().err
+    assert "packed with pack_tokens=8192" in err and "model.max_position_embeddings=1024" in err
+    assert "--pack-tokens 1024" in err and "--model.max_position_embeddings 8192" in err
