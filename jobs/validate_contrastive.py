@@ -30,7 +30,7 @@ from pipelines.contrastive_data import (  # noqa: E402
 
 F = cli.Flag
 FLAGS = (
-    F(("--source",), "sources", "a source, repeatable (added to the YAML's)", "append", "NAME=PATH",
+    F(("--source",), "sources", "a source, repeatable", "append", "NAME=PATH",
       lambda s: dataclasses.asdict(parse_source_arg(s))),
     F(("--output",), "output", "output dir: valid/, quarantine/, report.json, report.html", metavar="DIR"),
     F(("--max-reject-fraction",), "max_reject_fraction", "a source rejecting more fails the job", metavar="F"),

@@ -411,14 +411,16 @@ def help_text(spec: JobSpec, defaults: Any | None = None) -> str:
 
     default_cfg = f"default: {Path(spec.default_config).relative_to(REPO)}" if spec.default_config else ""
     opt(
-        " ".join(f"{n} YAML" for n in spec.config_flags),
+        ", ".join(f"{n} YAML" for n in spec.config_flags),
         f"config file ({default_cfg or 'default: none'}); `base: other.yaml` inherits",
     )
     for m, key in spec.positionals:
         opt(m, f"= --{key}")
     for f in spec.flags:
         arg = {"one": f" {f.metavar}", "many": f" {f.metavar} [...]", "append": f" {f.metavar}", "none": ""}
-        opt(", ".join(f"{n}{arg[f.nargs]}" for n in f.names), f"{f.help} (= --{f.key})")
+        same = all(n[2:].replace("-", "_") == f.key for n in f.names)
+        alias = f" (appends to {f.key})" if f.nargs == "append" else "" if same else f" (= --{f.key})"
+        opt(", ".join(f"{n}{arg[f.nargs]}" for n in f.names), f.help + alias)
     if spec.uses_ray:
         opt(
             "--address ADDR",
