@@ -19,6 +19,8 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
     fake = types.ModuleType("ray")
     fake.init = lambda **kw: seen.append(kw)  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "ray", fake)
+    # the stand-in has no ray.data: quiet_output (tested on its own below) must not reach the real one
+    monkeypatch.setattr("pipelines.ray_session.quiet_output", lambda tty=None: False)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setenv("PYTHONPATH", "/elsewhere")
     return seen
