@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import sys
 import traceback
@@ -188,7 +189,9 @@ class Context:
     def init_ray(self, **kwargs: Any) -> str:
         from pipelines.ray_session import init_ray
 
-        return init_ray(self.address, REPO, **kwargs)
+        mode = init_ray(self.address, REPO, **kwargs)
+        install_console_filter(self.spec)
+        return mode
 
 
 # --------------------------------------------------------------------------------------------- parsing
@@ -502,6 +505,38 @@ def _exit_code(spec: JobSpec, exc: BaseException) -> int | None:
     return None
 
 
+class UserErrorConsoleFilter(logging.Filter):
+    """Keeps Ray Data's driver-side tracebacks of a user-input error off the console.
+
+    When a task raises (a bad input row, a missing file), Ray Data logs the exception with its full
+    traceback, twice, before the driver sees it, and calls it "internal code, please open an issue" when the
+    error surfaces outside a UDF. The job then prints the one `error:` line with the root cause; those
+    records are redundant there and still go to Ray Data's log file (this filter sits on its console
+    handler only). Errors that are not the user's keep their tracebacks.
+    """
+
+    def __init__(self, spec: JobSpec) -> None:
+        super().__init__()
+        self.spec = spec
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        if str(record.msg).startswith("Exception occurred in Ray Data or Ray Core internal code"):
+            return False  # a preamble; the "Full stack trace" record after it carries the exception
+        excs = [record.exc_info[1]] if record.exc_info and record.exc_info[1] else []
+        args = record.args if isinstance(record.args, tuple) else ()
+        excs += [a for a in args if isinstance(a, BaseException)]
+        return not any(_exit_code(self.spec, root_cause(e)) == EXIT_USAGE for e in excs)
+
+
+def install_console_filter(spec: JobSpec) -> None:
+    """Attach `UserErrorConsoleFilter` to the console handler of the `ray.data` logger (once)."""
+    for h in logging.getLogger("ray.data").handlers:
+        if h.name == "console" and not any(isinstance(f, UserErrorConsoleFilter) for f in h.filters):
+            h.addFilter(UserErrorConsoleFilter(spec))
+
+
 def report_error(spec: JobSpec, exc: BaseException) -> int:
     """Print the error the way the exit-code contract says; return the exit code."""
     root = root_cause(exc)
@@ -527,8 +562,6 @@ def load(spec: JobSpec, argv: Sequence[str]) -> tuple[Any, Context]:
 
 def main(spec: JobSpec, run: Callable[[Any, Context], int | None], argv: Sequence[str] | None = None) -> int:
     """Run one job under the common contract; returns its exit code (`sys.exit(main(...))`)."""
-    import logging
-
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         inv = parse_argv(spec, argv)

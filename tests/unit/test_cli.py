@@ -275,3 +275,25 @@ def test_pack_size_beyond_the_models_positions_names_both_fixes(tmp_path, capsys
     err = capsys.readouterr().err
     assert "packed with pack_tokens=8192" in err and "model.max_position_embeddings=1024" in err
     assert "--pack-tokens 1024" in err and "--model.max_position_embeddings 8192" in err
+
+
+def test_ray_data_console_tracebacks_of_user_errors_are_dropped():
+    import logging
+
+    from ray.exceptions import RayTaskError
+
+    f = cli.UserErrorConsoleFilter(job("preprocess").SPEC)
+    user = RayTaskError("map", "tb", ValueError("row 2, field 'text': invalid_json")).as_instanceof_cause()
+    internal = RayTaskError("map", "tb", KeyError("bug")).as_instanceof_cause()
+
+    def rec(msg, args=(), exc=None, level=logging.ERROR):
+        return logging.LogRecord(
+            "ray.data.x", level, "f.py", 1, msg, args, (type(exc), exc, None) if exc else None
+        )
+
+    assert not f.filter(rec("An exception was raised from a task", exc=user))
+    assert not f.filter(rec("Full stack trace:\n%s", (user,)))
+    assert not f.filter(rec("Exception occurred in Ray Data or Ray Core internal code. If you continue"))
+    assert f.filter(rec("An exception was raised from a task", exc=internal))
+    assert f.filter(rec("Full stack trace:\n%s", (internal,)))
+    assert f.filter(rec("Progress bars disabled", level=logging.WARNING))
