@@ -297,3 +297,28 @@ def test_ray_data_console_tracebacks_of_user_errors_are_dropped():
     assert f.filter(rec("An exception was raised from a task", exc=internal))
     assert f.filter(rec("Full stack trace:\n%s", (internal,)))
     assert f.filter(rec("Progress bars disabled", level=logging.WARNING))
+
+
+def test_missing_preprocess_input_fails_before_ray_starts(tmp_path, capsys, monkeypatch):
+    pre = job("preprocess")
+    started = []
+    monkeypatch.setattr(cli.Context, "init_ray", lambda self, **kw: started.append(kw))
+    rc = cli.main(
+        pre.SPEC, pre.run, ["--input", str(tmp_path / "nope.jsonl"), "--output", str(tmp_path / "out")]
+    )
+    err = capsys.readouterr().err
+    assert rc == 2 and not started, err
+    assert (
+        err.startswith("preprocess: error: ") and "nope.jsonl" in err and len(err.strip().splitlines()) == 1
+    )
+
+
+def test_unreadable_contrastive_source_fails_before_ray_starts(tmp_path, capsys, monkeypatch):
+    val = job("validate_contrastive")
+    started = []
+    monkeypatch.setattr(cli.Context, "init_ray", lambda self, **kw: started.append(kw))
+    rc = cli.main(
+        val.SPEC, val.run, ["--source", f"a={tmp_path / 'gone.jsonl'}", "--output", str(tmp_path / "o")]
+    )
+    err = capsys.readouterr().err
+    assert rc == 2 and not started and "source 'a': path" in err and "does not exist" in err, err
