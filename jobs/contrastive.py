@@ -2,81 +2,73 @@
 
   python jobs/contrastive.py                                  # embedded sources + embedded tiny checkpoint, 2 CPU workers
   python jobs/contrastive.py --config configs/contrastive_1gpu.yaml
-  python jobs/contrastive.py --init outputs/pretrain/neobert-pretrain --data.input_dir outputs/contrastive \
+  python jobs/contrastive.py --init outputs/pretrain/neobert-tiny --data.input_dir outputs/contrastive \\
       --train.max_steps 500 --run.output_dir outputs/my_embedder
   ray job submit --working-dir . -- python jobs/contrastive.py --init /shared/ckpt --data.input_dir /shared/val
 
---init: a pretraining checkpoint or model dir (jobs/pretrain.py), an HF export dir, or random:<preset>.
+--init: a pretraining run dir, checkpoint or model dir (jobs/pretrain.py), an HF export dir, or random:<preset>.
 --data.input_dir: a dir written by `jobs/validate_contrastive.py --output DIR` (unvalidated input is refused);
 empty = the embedded sources, validated on first use. Writes OUTPUT/{eval.json, metrics.jsonl, model/, ray/} and
 prints OUTPUT at the end. Re-running with the same output dir resumes from its latest checkpoint.
 Under `ray job submit` (RAY_ADDRESS set) it joins that cluster, otherwise it starts Ray in-process.
-Exit codes: 0 ok, 2 bad config / input, 1 training failed. See docs/contrastive.md.
+See docs/contrastive.md.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
 import os
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run as a script from anywhere / ray job submit
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout / `--working-dir .`
 
-from neobert.config_io import load_config  # noqa: E402
+from pipelines import cli, contracts  # noqa: E402
 from pipelines import contrastive_train as ct  # noqa: E402
+from pipelines.contrastive_data import MARKER_NAME  # noqa: E402
 
-DEFAULT_CONFIG = REPO / "configs" / "contrastive.yaml"
+REPO = Path(__file__).resolve().parents[1]
+FLAGS = (
+    cli.Flag(("--init",), "model.init", "pretraining checkpoint / model dir / HF export / random:<preset>",
+             metavar="PATH"),
+)  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument(
-        "--config", default=str(DEFAULT_CONFIG), help="YAML config (default configs/contrastive.yaml)"
-    )
-    p.add_argument(
-        "--init", help="= --model.init: pretraining checkpoint / model dir / HF export / random:<preset>"
-    )
-    p.add_argument(
-        "--address", default=None, help="Ray address; default: $RAY_ADDRESS, else start Ray locally"
-    )
-    args, overrides = p.parse_known_args(argv)
-    if args.init:
-        overrides += [f"--model.init={args.init}"]
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    try:
-        cfg = load_config(ct.ContrastiveConfig, args.config, overrides)
-        # user-given paths are checked before Ray starts: a wrong path fails in a second, not after start-up
-        if cfg.data.input_dir:
-            cfg.data.input_dir = str(ct.ensure_validated(cfg.data.input_dir).resolve())
-        if cfg.model.init and not cfg.model.init.startswith(ct.RANDOM_INIT_PREFIX):
-            cfg.model.init = str(ct.resolve_init(cfg.model.init).resolve())  # workers may run elsewhere
-    except (ValueError, FileNotFoundError) as e:
-        print(f"contrastive: error: {e}", file=sys.stderr)
-        return 2
+def prepare(cfg: ct.ContrastiveConfig, ctx: cli.Context) -> list[str]:
+    """User-given paths are checked before Ray starts: a wrong path fails in a second, not after start-up."""
+    more = []
+    if cfg.data.input_dir:
+        contracts.check_validated_dir(cfg.data.input_dir, MARKER_NAME)
+    if cfg.model.init and not cfg.model.init.startswith(ct.RANDOM_INIT_PREFIX):
+        init = str(ct.resolve_init(cfg.model.init).resolve())  # workers may run elsewhere
+        more.append(f"--model.init={json.dumps(init)}")
+    return more
 
-    from pipelines.ray_session import init_ray
 
-    # >= 4 logical CPUs locally so Train workers and Ray Data tasks fit together; dashboard on (Train's state API)
-    init_ray(args.address, REPO, local_num_cpus=max(4, os.cpu_count() or 1))
-    try:
-        if not cfg.data.input_dir:  # the embedded sources, validated on first use
-            cfg.data.input_dir = str(ct.ensure_validated("").resolve())
-        rows = ct.load_rows(cfg.data.input_dir)
-        if not cfg.model.init:  # the embedded tiny checkpoint, pretrained on first use
-            cfg.model.init = str(ct.ensure_embedded_pretrained(cfg))
-    except (ValueError, FileNotFoundError) as e:
-        print(f"contrastive: error: {e}", file=sys.stderr)
-        return 2
+def run(cfg: ct.ContrastiveConfig, ctx: cli.Context) -> int:
+    # >= 4 logical CPUs locally so Train workers and Ray Data tasks fit together
+    ctx.init_ray(local_num_cpus=max(4, os.cpu_count() or 1))
+    if not cfg.data.input_dir:  # the embedded sources, validated on first use
+        cfg.data.input_dir = str(ct.ensure_validated("").resolve())
+    rows = ct.load_rows(cfg.data.input_dir)
+    if not cfg.model.init:  # the embedded tiny checkpoint, pretrained on first use
+        cfg.model.init = str(ct.ensure_embedded_pretrained(cfg))
     evals = ct.run_contrastive(cfg, rows)
-    out = Path(cfg.run.output_dir).resolve()
     print(json.dumps({"before": evals["before"], "after": evals["after"]}, indent=2))
-    print(f"contrastive: output dir {out}")
+    print(f"contrastive: output dir {Path(cfg.run.output_dir).resolve()}")
     return 0
 
 
+SPEC = cli.JobSpec(
+    name="contrastive",
+    doc=__doc__,
+    config_cls=ct.ContrastiveConfig,
+    default_config=REPO / "configs" / "contrastive.yaml",
+    flags=FLAGS,
+    prepare=prepare,
+    output_keys=("run.output_dir",),
+    input_keys=("data.input_dir", "data.tokenizer", "model.init"),
+)
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.main(SPEC, run))

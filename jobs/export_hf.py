@@ -1,19 +1,18 @@
 """Export a NeoBERT model dir (or a training checkpoint holding one under model/) to a Hugging Face directory.
 
-    python jobs/export_hf.py CHECKPOINT OUTDIR [--tokenizer DIR] [--parity false] [--overwrite true]
-                             [--eval-results results.json] [--license cc-by-sa-3.0]
-    python jobs/export_hf.py --config configs/export.yaml --checkpoint CKPT --output OUTDIR
+  python jobs/export_hf.py CHECKPOINT OUTDIR [--tokenizer DIR] [--parity false] [--overwrite]
+                           [--eval-results results.json] [--license cc-by-sa-3.0]
+  python jobs/export_hf.py --checkpoint outputs/pretrain/neobert-tiny/checkpoint_000002 --output outputs/hf
 
-The export is checked numerically against the training model before the job succeeds (see neobert/export.py).
-With no CHECKPOINT, the newest checkpoint of `jobs/pretrain.py` under its default storage path
+The export is checked numerically against the training model before the job succeeds (neobert/export.py).
+With no CHECKPOINT, the newest checkpoint of `jobs/pretrain.py` under its default storage paths
 (`outputs/{pretrain,demo}/*/checkpoint_*/model`) is exported to `outputs/hf_export`; if there is none, a freshly
 initialised "tiny" model is exported to `outputs/hf_export_demo` (a smoke run of the whole path, parity check
-included; its weights are random and say nothing about quality).
+included; its weights are random and say nothing about quality). No Ray is started.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -21,10 +20,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or under `ray job submit`
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout / `--working-dir .`
 
-from neobert.config_io import load_config  # noqa: E402
-from neobert.export import ExportConfig, export_hf  # noqa: E402
+from neobert.export import ExportConfig, ParityError, export_hf  # noqa: E402
+from pipelines import cli  # noqa: E402
 
 log = logging.getLogger("export_hf")
 DEMO_OUTPUT = "outputs/hf_export_demo"
@@ -36,22 +35,6 @@ def newest_pretrain_checkpoint(storages: tuple[Path, ...] = PRETRAIN_STORAGES) -
     found = [f for s in storages for f in s.glob("*/checkpoint_*/model/neobert_config.json")]
     found.sort(key=lambda f: f.stat().st_mtime)
     return found[-1].parent if found else None
-
-
-def parse_args(argv: list[str]) -> ExportConfig:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("checkpoint", nargs="?", default=None, help="model dir or training checkpoint dir")
-    parser.add_argument("output", nargs="?", default=None, help="HF directory to write")
-    parser.add_argument("--config", default=None, help="YAML with ExportConfig fields")
-    args, overrides = parser.parse_known_args(argv)
-    cfg = load_config(ExportConfig, args.config, overrides)
-    if args.checkpoint is not None:
-        cfg = dataclasses.replace(cfg, checkpoint=args.checkpoint)
-    if args.output is not None:
-        cfg = dataclasses.replace(cfg, output=args.output)
-    return cfg
 
 
 def write_demo_checkpoint(path: Path) -> None:
@@ -67,24 +50,7 @@ def write_demo_checkpoint(path: Path) -> None:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Exit codes: 0 ok, 2 bad arguments / checkpoint / output dir, 3 the parity check failed (the export dir is
-    left in place for inspection). The reason goes to stderr."""
-    from neobert.export import ParityError
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    try:
-        return run(sys.argv[1:] if argv is None else argv)
-    except ParityError as e:
-        print(f"export_hf: error: {e}", file=sys.stderr)
-        return 3
-    except (ValueError, OSError) as e:  # OSError: FileNotFoundError of a missing checkpoint / tokenizer
-        print(f"export_hf: error: {e}", file=sys.stderr)
-        return 2
-
-
-def run(argv: list[str]) -> int:
-    cfg = parse_args(argv)
+def run(cfg: ExportConfig, ctx: cli.Context) -> int:
     if not cfg.tokenizer:
         from pipelines.tokenizer import default_tokenizer_dir
 
@@ -103,7 +69,7 @@ def run(argv: list[str]) -> int:
                     DEMO_OUTPUT,
                 )
                 write_demo_checkpoint(Path(tmp) / "model")
-                out = cfg.output if cfg.output != ExportConfig.output else DEMO_OUTPUT
+                out = cfg.output if ctx.user_set("output") else cli.resolve_output_path(DEMO_OUTPUT)
                 cfg = dataclasses.replace(
                     cfg, checkpoint=str(Path(tmp) / "model"), output=out, overwrite=True
                 )
@@ -120,6 +86,23 @@ def run(argv: list[str]) -> int:
         )
     print(json.dumps(dataclasses.asdict(report), indent=2))
     return 0
+
+
+SPEC = cli.JobSpec(
+    name="export_hf",
+    doc=__doc__,
+    config_cls=ExportConfig,
+    positionals=(("CHECKPOINT", "checkpoint"), ("OUTDIR", "output")),
+    output_keys=("output",),
+    input_keys=("checkpoint", "tokenizer"),
+    error_codes=((ParityError, 3),),
+    exit_codes_doc="3 the parity check failed (the export dir is left in place for inspection)",
+    uses_ray=False,
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.main(SPEC, run, argv)
 
 
 if __name__ == "__main__":

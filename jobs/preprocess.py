@@ -1,58 +1,44 @@
 """Tokenize and pack raw text into Parquet shards of packed rows (+ report.json / report.html).
 
-    python jobs/preprocess.py                                  # embedded corpus -> outputs/preprocessed
-    python jobs/preprocess.py --input data/*.jsonl s3://bucket/corpus/ --output /data/packed --max-seq-len 512
-    python jobs/preprocess.py --config configs/my_preprocess.yaml --on-bad-row skip --pack-tokens 16384
-    ray job submit --working-dir . -- python jobs/preprocess.py --input /shared/raw --output /shared/packed
+  python jobs/preprocess.py                                  # embedded corpus -> outputs/preprocessed
+  python jobs/preprocess.py --input data/*.jsonl s3://bucket/corpus/ --output /data/packed --max-seq-len 512
+  python jobs/preprocess.py --config configs/preprocess_cluster.yaml --on-bad-row skip --pack-tokens 16384
+  ray job submit --working-dir . -- python jobs/preprocess.py --input /shared/raw --output /shared/packed
 
-Flags with dashes map onto `pipelines.preprocess.PreprocessConfig` fields; any other field can be set with a
-dotted/underscored override (`--chunk_docs 256`). Under `ray job submit` (RAY_ADDRESS set) it joins that cluster;
-otherwise it starts Ray in-process (`--address auto` joins a `ray start` cluster on this machine instead).
+Packs hold --pack-tokens tokens (default 8192); jobs/pretrain.py on the output takes its pack size from
+report.json. Every config key can also be set as --KEY VALUE (`--chunk_docs 256`). Under `ray job submit`
+(RAY_ADDRESS set) it joins that cluster; otherwise it starts Ray in-process (`--address auto` joins a
+`ray start` cluster on this machine instead).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run from a checkout / `--working-dir .`
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout / `--working-dir .`
 
-from neobert.config_io import load_config  # noqa: E402
-from pipelines.preprocess import PreprocessConfig, run_preprocess  # noqa: E402
+from pipelines import cli  # noqa: E402
+from pipelines.preprocess import PreprocessConfig, input_files, run_preprocess  # noqa: E402
 
-FLAGS = ("output", "tokenizer", "max_seq_len", "min_seq_len", "pack_tokens", "text_column", "eval_fraction")
-FLAGS += ("on_bad_row", "seed", "id_column", "text_split")
+F = cli.Flag
+FLAGS = (
+    F(("--input",), "input", "files, dirs, globs or URIs (default: the embedded corpus)", "many", "PATH"),
+    F(("--output",), "output", "output dir: train/, eval/, report.json, report.html", metavar="DIR"),
+    F(("--pack-tokens",), "pack_tokens", "tokens per packed row", metavar="N"),
+    F(("--max-seq-len",), "max_seq_len", "longest segment; longer documents are split", metavar="N"),
+    F(("--min-seq-len",), "min_seq_len", "shorter segments are dropped and counted", metavar="N"),
+    F(("--eval-fraction",), "eval_fraction", "share of documents in the eval split", metavar="F"),
+    F(("--on-bad-row",), "on_bad_row", "error | skip (count and report bad rows)", metavar="MODE"),
+    F(("--text-column",), "text_column", "JSONL key / column holding the text", metavar="NAME"),
+    F(("--tokenizer",), "tokenizer", "tokenizer.json or a dir holding one", metavar="PATH"),
+)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--input", nargs="+", default=None, help="files, dirs, globs or URIs (default: embedded)"
-    )
-    for name in FLAGS:
-        parser.add_argument("--" + name.replace("_", "-"), dest=name, default=None)
-    parser.add_argument("--config", default=None, help="YAML with PreprocessConfig fields")
-    parser.add_argument(
-        "--address", default=None, help="Ray address; default: $RAY_ADDRESS, else start locally"
-    )
-    args, overrides = parser.parse_known_args(argv)
-    for name in FLAGS:
-        if getattr(args, name) is not None:
-            overrides += [f"--{name}", getattr(args, name)]
-    cfg = load_config(PreprocessConfig, args.config, overrides)
-    if args.input:
-        cfg.input = list(args.input)
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    from pipelines.ray_session import init_ray
-
-    init_ray(args.address, REPO, include_dashboard=False)
+def run(cfg: PreprocessConfig, ctx: cli.Context) -> int:
+    input_files(cfg)  # missing inputs fail here, before Ray starts
+    ctx.init_ray(include_dashboard=False)
     report = run_preprocess(cfg)
     summary = {k: report[k] for k in ("documents", "segments", "tokens", "packs", "fill_ratio", "elapsed_s")}
     summary["skipped_rows"] = report["skipped_rows"]["by_reason"]
@@ -63,5 +49,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+SPEC = cli.JobSpec(
+    name="preprocess",
+    doc=__doc__,
+    config_cls=PreprocessConfig,
+    flags=FLAGS,
+    output_keys=("output",),
+    input_keys=("input", "tokenizer"),
+)
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.main(SPEC, run))

@@ -1,59 +1,73 @@
 """Pretrain NeoBERT with masked LM on Ray Train.
 
-    python jobs/pretrain.py                                   # tiny preset, embedded corpus, 2 CPU workers
-    python jobs/pretrain.py --config configs/pretrain_base_1gpu.yaml --train.num_steps 200
-    ray job submit --working-dir . -- python jobs/pretrain.py --checkpoint.storage_path /shared/runs
+  python jobs/pretrain.py                                   # tiny preset, embedded corpus, 2 CPU workers
+  python jobs/pretrain.py --config configs/pretrain_base_1gpu.yaml --train.num_steps 200
+  python jobs/pretrain.py --data.packed_dir outputs/preprocessed --train.tokens_per_micro_batch 16384
+  ray job submit --working-dir . -- python jobs/pretrain.py --checkpoint.storage_path /shared/runs
 
-Any config field can be overridden with a dotted flag (`--model.num_layers 2`, `--train.lr=3e-4`).
-Re-running with the same `--checkpoint.name` and storage path resumes from the latest checkpoint.
-Under `ray job submit` (RAY_ADDRESS set) it joins that cluster; otherwise it starts Ray in-process
+Re-running with the same checkpoint.name and storage path resumes from the latest checkpoint. With
+data.packed_dir, the pack size is taken from the data's report.json (an explicit --data.pack_tokens must
+match it). Under `ray job submit` (RAY_ADDRESS set) it joins that cluster; otherwise it starts Ray in-process
 (`--address auto` joins a cluster started with `ray start` on this machine instead).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # run from a checkout / `--working-dir .`
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout / `--working-dir .`
 
-from pipelines.pretrain import DEFAULT_CONFIG, METRICS_FILE, build_trainer, load_pretrain_config  # noqa: E402
+from pipelines import cli, contracts  # noqa: E402
+from pipelines.pretrain import (  # noqa: E402
+    DEFAULT_CONFIG,
+    METRICS_FILE,
+    PretrainConfig,
+    build_trainer,
+    load_pretrain_config,
+)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+def prepare(cfg: PretrainConfig, ctx: cli.Context) -> list[str]:
+    """Driver-side checks of a packed dir; data.pack_tokens comes from its report.json unless the user set it."""
+    if not cfg.data.packed_dir:
+        return []
+    contracts.check_packed_dir(cfg.data.packed_dir)
+    pack = contracts.packed_pack_tokens(
+        cfg.data.packed_dir, cfg.data.pack_tokens, user_set=ctx.user_set("data.pack_tokens")
     )
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: %(default)s)")
-    parser.add_argument(
-        "--address", default=None, help="Ray address; default: $RAY_ADDRESS, else start locally"
+    if pack == cfg.data.pack_tokens:
+        return []
+    contracts.check_pack_fits_model(cfg.data.packed_dir, pack, cfg.model.max_position_embeddings)
+    budget = contracts.tokens_per_micro_batch_for(
+        pack, cfg.train.tokens_per_micro_batch, user_set=ctx.user_set("train.tokens_per_micro_batch")
     )
-    args, overrides = parser.parse_known_args(argv)
-    cfg = load_pretrain_config(args.config, overrides)
+    return [f"--data.pack_tokens={pack}", f"--train.tokens_per_micro_batch={budget}"]
 
-    from pipelines.ray_session import init_ray
 
-    # >= 4 logical CPUs locally so Train workers and Ray Data tasks fit on small boxes; the dashboard (if
-    # installed) stays on: Train uses its state API.
-    init_ray(args.address, REPO, local_num_cpus=max(4, os.cpu_count() or 1))
-
-    try:
-        result = build_trainer(cfg).fit()  # Ray Train V2 raises when the run fails for good
-    except BaseException:
-        print(f"run dir: {cfg.run_dir}\nmetrics: {os.path.join(cfg.run_dir, METRICS_FILE)}", file=sys.stderr)
-        print("training failed; the latest checkpoint (if any) is under the run dir", file=sys.stderr)
-        raise
-    print(f"run dir: {cfg.run_dir}")
+def run(cfg: PretrainConfig, ctx: cli.Context) -> int:
+    # >= 4 logical CPUs locally so Train workers and Ray Data tasks fit on small boxes
+    ctx.init_ray(local_num_cpus=max(4, os.cpu_count() or 1))
+    print(f"run dir: {cfg.run_dir}", flush=True)
+    result = build_trainer(cfg).fit()  # Ray Train V2 raises when the run fails for good
     print(f"metrics: {os.path.join(cfg.run_dir, METRICS_FILE)}")
     print(f"final checkpoint: {result.checkpoint.path if result.checkpoint else None}")
     if result.error:
-        print(f"training failed: {result.error}", file=sys.stderr)
-        return 1
+        raise result.error
     return 0
 
 
+SPEC = cli.JobSpec(
+    name="pretrain",
+    doc=__doc__,
+    config_cls=PretrainConfig,
+    default_config=DEFAULT_CONFIG,
+    load=load_pretrain_config,
+    prepare=prepare,
+    output_keys=("checkpoint.storage_path",),
+    input_keys=("data.packed_dir",),
+)
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.main(SPEC, run))

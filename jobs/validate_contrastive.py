@@ -1,96 +1,52 @@
 """Validate contrastive (query, positive, negatives) sources -> OUTPUT/{valid,quarantine}/, report.json/.html.
 
   python jobs/validate_contrastive.py                                   # the embedded sources
-  python jobs/validate_contrastive.py --source msmarco=data/msmarco.jsonl --source scifact=data/scifact \
+  python jobs/validate_contrastive.py --source msmarco=data/msmarco.jsonl --source scifact=data/scifact \\
       --output outputs/contrastive --max-reject-fraction 0.02 --max-seq-len 512 --truncation truncate
-  python jobs/validate_contrastive.py --sources-yaml configs/contrastive_sources.yaml
+  python jobs/validate_contrastive.py --sources-yaml configs/contrastive_sources.example.yaml
   ray job submit --working-dir . -- python jobs/validate_contrastive.py --output /shared/contrastive
 
-Exit codes: 0 ok; 2 bad arguments / a source cannot be read; 3 a source exceeds --max-reject-fraction or yields
-no rows (all outputs are still written, the marker says passed=false); 1 an unexpected failure. The reason goes
-to stderr.
-See docs/contrastive_data.md.
+--sources-yaml (= --config) is a YAML list of sources, or a mapping with `sources:` plus any config key.
+A source rejecting more than --max-reject-fraction of its rows (or yielding none) fails the job with exit 2;
+all outputs are still written and the marker says passed=false. See docs/contrastive_data.md.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import logging
 import sys
 from pathlib import Path
 
-import yaml
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout / `--working-dir .`
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere / ray job submit
-
-from neobert.config_io import from_dict, load_yaml_dict  # noqa: E402
+from pipelines import cli  # noqa: E402
 from pipelines.contrastive_data import (  # noqa: E402
     RejectThresholdExceeded,
     ValidateContrastiveConfig,
-    main_error,
     parse_source_arg,
+    resolve_source,
     validate_contrastive,
 )
 
-
-def build_config(argv: list[str] | None = None) -> ValidateContrastiveConfig:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--source", action="append", default=[], metavar="NAME=PATH", help="repeatable")
-    p.add_argument(
-        "--sources-yaml",
-        help="YAML: a list of sources, or a mapping with `sources:` plus any config key (output, max_seq_len, ...)",
-    )
-    p.add_argument("--output", help="output DIR (default outputs/contrastive)")
-    p.add_argument("--max-reject-fraction", type=float)
-    p.add_argument("--max-seq-len", type=int)
-    p.add_argument("--truncation", choices=["report", "truncate", "reject"])
-    p.add_argument("--tokenize", action="store_true", default=None, help="add *_input_ids columns")
-    p.add_argument("--tokenizer", help="tokenizer.json or dir (default: pipelines.tokenizer)")
-    p.add_argument("--num-validator-actors", type=int)
-    p.add_argument("--engine", choices=["ray", "local"], help="local: in-process, no Ray (small inputs)")
-    a = p.parse_args(argv)
-    data: dict = {}
-    if a.sources_yaml:
-        path = Path(a.sources_yaml)
-        if not path.is_file():
-            raise ValueError(f"--sources-yaml {path} does not exist; pass a YAML listing the sources")
-        y = yaml.safe_load(path.read_text())
-        # a bare list of sources, or a mapping of config keys (with optional `base:` inheritance)
-        data = {"sources": y} if isinstance(y, list) else load_yaml_dict(path)
-    cfg = from_dict(ValidateContrastiveConfig, data)
-    if a.source:
-        cfg = dataclasses.replace(cfg, sources=list(cfg.sources) + [parse_source_arg(s) for s in a.source])
-    overrides = {
-        "output": a.output,
-        "max_reject_fraction": a.max_reject_fraction,
-        "max_seq_len": a.max_seq_len,
-        "truncation": a.truncation,
-        "tokenize": a.tokenize,
-        "tokenizer": a.tokenizer,
-        "num_validator_actors": a.num_validator_actors,
-        "engine": a.engine,
-    }
-    return dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+F = cli.Flag
+FLAGS = (
+    F(("--source",), "sources", "a source, repeatable", "append", "NAME=PATH",
+      lambda s: dataclasses.asdict(parse_source_arg(s))),
+    F(("--output",), "output", "output dir: valid/, quarantine/, report.json, report.html", metavar="DIR"),
+    F(("--max-reject-fraction",), "max_reject_fraction", "a source rejecting more fails the job", metavar="F"),
+    F(("--max-seq-len",), "max_seq_len", "tokens incl. [CLS]/[SEP]", metavar="N"),
+    F(("--truncation",), "truncation", "report | truncate | reject (texts over max_seq_len)", metavar="MODE"),
+    F(("--tokenize",), "tokenize", "add *_input_ids columns", "none"),
+    F(("--engine",), "engine", "ray | local (in-process, no Ray: small inputs)", metavar="ENGINE"),
+)  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    try:
-        cfg = build_config(argv)
-        report = validate_contrastive(cfg)
-    except RejectThresholdExceeded as e:
-        main_error(str(e))
-        return 3
-    except (ValueError, OSError) as e:  # bad config / a source that cannot be read
-        main_error(str(e))
-        return 2
-    except Exception as e:  # e.g. a file that breaks mid-read inside a Ray task
-        import traceback
-
-        traceback.print_exc()
-        main_error(f"validation failed: {type(e).__name__}: {e}")
-        return 1
+def run(cfg: ValidateContrastiveConfig, ctx: cli.Context) -> int:
+    for i, s in enumerate(cfg.sources):  # unreadable sources fail here, before Ray starts
+        resolve_source(s, i)
+    if cfg.engine == "ray":
+        ctx.init_ray(include_dashboard=False)
+    report = validate_contrastive(cfg)
     t = report["totals"]
     print(
         f"validate_contrastive: {t['rows_read']} rows read, {t['valid']} valid, {t['rejected']} rejected; "
@@ -99,6 +55,27 @@ def main(argv: list[str] | None = None) -> int:
     for name, s in report["sources"].items():
         print(f"  {name}: {s['valid']}/{s['rows_read']} valid, reasons {s['reasons']}")
     return 0
+
+
+SPEC = cli.JobSpec(
+    name="validate_contrastive",
+    doc=__doc__,
+    config_cls=ValidateContrastiveConfig,
+    flags=FLAGS,
+    config_flags=("--sources-yaml", "--config"),
+    list_key="sources",
+    output_keys=("output",),
+    input_keys=("sources[].path", "tokenizer"),
+    user_errors=(RejectThresholdExceeded,),
+)
+
+
+def build_config(argv: list[str]) -> ValidateContrastiveConfig:
+    return cli.load(SPEC, argv)[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.main(SPEC, run, argv)
 
 
 if __name__ == "__main__":

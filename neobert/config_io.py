@@ -162,18 +162,53 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_yaml_dict(path: str | Path) -> dict[str, Any]:
-    """Load a YAML config; a top-level `base: other.yaml` (relative to this file) is merged underneath."""
+def load_yaml_dict(path: str | Path, *, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Load a YAML config; a top-level `base: other.yaml` (relative to this file) is merged underneath.
+
+    Every failure is a `ValueError` naming the file: missing, a directory, broken YAML (with its 1-based line
+    and column), not a mapping at top level, or a `base:` chain that comes back to a file already in it.
+    """
     path = Path(path)
-    if not path.exists():
-        raise ValueError(f"config file {path} does not exist; pick one from configs/ or pass a valid path")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = read_yaml_file(path)
     if not isinstance(data, dict):
-        raise ValueError(f"config file {path} must hold a mapping at top level")
+        raise ValueError(
+            f"config file {path} must hold a mapping of config keys at top level, got {type(data).__name__}"
+        )
     base = data.pop("base", None)
     if base:
-        data = deep_merge(load_yaml_dict(path.parent / base), data)
+        here = path.resolve()
+        chain = (*_chain, here)
+        target = (path.parent / str(base)).resolve()
+        if target in chain:
+            cycle = " -> ".join(str(p) for p in (*chain[chain.index(target) :], target))
+            raise ValueError(
+                f"config file {path}: `base: {base}` makes a cycle ({cycle}); remove one `base:`"
+            )
+        data = deep_merge(load_yaml_dict(path.parent / str(base), _chain=chain), data)
     return data
+
+
+def read_yaml_file(path: str | Path) -> Any:
+    """The parsed YAML of `path` (None for an empty file); `ValueError` naming the file, and for broken YAML
+    the 1-based line and column of the problem."""
+    path = Path(path)
+    if path.is_dir():
+        yamls = sorted(p.name for p in path.glob("*.yaml"))
+        hint = f" (it holds {', '.join(yamls[:5])})" if yamls else ""
+        raise ValueError(f"config file {path} is a directory{hint}; pass a YAML file, e.g. {path / 'x.yaml'}")
+    if not path.exists():
+        raise ValueError(f"config file {path} does not exist; pick one from configs/ or pass a valid path")
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"config file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = " ".join(str(x) for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x)
+        raise ValueError(f"config file {path}: invalid YAML{where}: {problem or e}") from None
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
@@ -181,3 +216,93 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     if overrides:
         data = deep_merge(data, parse_overrides(overrides))
     return from_dict(cls, data)
+
+
+# ------------------------------------------------------------------------------------------ introspection
+@dataclasses.dataclass(frozen=True)
+class KeyDoc:
+    """One leaf of a config tree, for `--help`: dotted key, type as written, value, the field's comment."""
+
+    key: str
+    type: str
+    default: Any
+    comment: str
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """Field name -> the `# comment` written on (or inside) the field's definition in the class body.
+
+    Config classes document each field with one trailing comment; reading it from the source keeps `--help`
+    and the code from drifting apart. Classes without source (built at runtime) give {}.
+    """
+    import inspect
+    import io
+    import textwrap
+    import tokenize
+
+    try:
+        src = textwrap.dedent(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    out: dict[str, str] = {}
+    current: str | None = None
+    depth = 0  # bracket depth: a field's default may span lines (ruff wraps long `field(...)` calls)
+    prev: tokenize.TokenInfo | None = None
+    try:
+        tokens = list(tokenize.generate_tokens(io.StringIO(src).readline))
+    except (tokenize.TokenError, SyntaxError):
+        return {}
+    for tok in tokens:
+        if tok.type == tokenize.OP and tok.string in "([{":
+            depth += 1
+        elif tok.type == tokenize.OP and tok.string in ")]}":
+            depth -= 1
+        elif tok.type == tokenize.NAME and depth == 0 and tok.start[1] > 0:
+            first_on_line = prev is None or prev.type in (tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT)
+            if first_on_line:
+                current = tok.string if tok.string in names else None
+        elif tok.type == tokenize.COMMENT and current and current not in out:
+            out[current] = tok.string.lstrip("#").strip()
+        elif (
+            tok.type == tokenize.OP
+            and tok.string == "@"
+            or (tok.type == tokenize.NAME and tok.string == "def")
+        ):
+            current = None
+        if tok.type not in (tokenize.NL, tokenize.COMMENT):
+            prev = tok
+    return out
+
+
+def type_name(tp: Any) -> str:
+    """A short readable type: `int`, `str | None`, `one of: cosine, linear`, `list[str]`."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Literal:
+        return "one of: " + ", ".join(str(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join("None" if a is type(None) else type_name(a) for a in args)
+    if origin is not None:
+        inner = ", ".join(type_name(a) for a in args)
+        return f"{getattr(origin, '__name__', str(origin))}[{inner}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+def describe(cfg: Any, prefix: str = "") -> list[KeyDoc]:
+    """Every leaf key of a config instance (nested dataclasses flattened to dotted keys) with its type, its
+    value in `cfg` (pass a default instance to list defaults) and its source comment."""
+    cls = type(cfg)
+    hints = typing.get_type_hints(cls)
+    comments = field_comments(cls)
+    out: list[KeyDoc] = []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            out.extend(describe(value, prefix + f.name + "."))
+        else:
+            out.append(
+                KeyDoc(prefix + f.name, type_name(hints[f.name]), to_dict(value), comments.get(f.name, ""))
+            )
+    return out

@@ -182,8 +182,8 @@ def test_ray_job_submit(ray_cluster, tmp_path):
     yaml_path, exp = make_sources(tmp_path / "src")
     out = tmp_path / "out"
     env = dict(os.environ, RAY_ADDRESS=ray_cluster.dashboard_url)
-    cmd = [str(Path(sys.executable).with_name("ray")), "job", "submit", "--working-dir", str(REPO / "jobs"), "--",
-           sys.executable, "validate_contrastive.py", "--sources-yaml", yaml_path, "--output", str(out)]  # fmt: skip
+    cmd = [str(Path(sys.executable).with_name("ray")), "job", "submit", "--working-dir", str(REPO), "--",
+           sys.executable, "jobs/validate_contrastive.py", "--sources-yaml", yaml_path, "--output", str(out)]  # fmt: skip
     deadline = time.time() + 60
     while True:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, cwd=REPO)

@@ -146,3 +146,16 @@ def test_cluster_preprocess_config_feeds_the_pretraining_config():
     assert pre.output == train.data.packed_dir
     assert all("://" in p for p in [*pre.input, pre.output]), "multi-node jobs need shared storage"
     assert pre.num_tokenizers == 0  # autoscale with the cpu_worker nodes
+
+
+@pytest.mark.parametrize("path", [AWS, LOCAL], ids=lambda p: p.name)
+def test_every_ray_start_turns_train_state_tracking_on(path: Path):
+    """The dashboard's Train tab stays empty unless every node's Ray runs with state tracking on."""
+    cfg = _load(path)
+    starts = [
+        c
+        for k in ("head_start_ray_commands", "worker_start_ray_commands")
+        for c in cfg[k]
+        if "ray start" in c
+    ]
+    assert len(starts) == 2 and all("RAY_TRAIN_ENABLE_STATE_TRACKING=1 " in c for c in starts), starts

@@ -529,7 +529,8 @@ def test_job_exit_codes_and_stderr(tmp_path, capsys):
 
     p = write_jsonl(tmp_path / "dirty.jsonl", [GOOD, b"{oops", b"[]"])
     args = ["--engine", "local", "--output", str(tmp_path / "out")]
-    assert main([*args, "--source", f"dirty={p}", "--max-reject-fraction", "0.5"]) == 3
+    # the uniform job contract: rejected data is bad input (exit 2, one error line)
+    assert main([*args, "--source", f"dirty={p}", "--max-reject-fraction", "0.5"]) == 2
     err = capsys.readouterr().err
     assert "validate_contrastive: error: source 'dirty': 2/3 rows rejected" in err and "malformed_json" in err
     assert main([*args, "--source", f"dirty={p}", "--max-reject-fraction", "0.7"]) == 0
@@ -542,8 +543,9 @@ def test_job_exit_codes_and_stderr(tmp_path, capsys):
     (tmp_path / "empty.jsonl").write_bytes(
         b"\n\n"
     )  # only blank lines: readable, but no rows -> must not pass
-    assert main([*args, "--source", f"empty={tmp_path / 'empty.jsonl'}", "--max-reject-fraction", "1"]) == 3
-    assert "source 'empty': no rows read" in capsys.readouterr().err
+    assert main([*args, "--source", f"empty={tmp_path / 'empty.jsonl'}", "--max-reject-fraction", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "source 'empty': no rows read" in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_every_line_lands_in_exactly_one_place(tmp_path):
