@@ -5,7 +5,7 @@
     python jobs/preprocess.py --config configs/my_preprocess.yaml --on-bad-row skip --pack-tokens 16384
     ray job submit --working-dir . -- python jobs/preprocess.py --input /shared/raw --output /shared/packed
 
-Flags with dashes map onto `pipelines.preprocess.PreprocessConfig` fields; any other field can be set with a
+Flags with dashes map onto `pipelines.mlm.preprocess.PreprocessConfig` fields; any other field can be set with a
 dotted/underscored override (`--chunk_docs 256`). Under `ray job submit` (RAY_ADDRESS set) it joins that cluster;
 otherwise it starts Ray in-process (`--address auto` joins a `ray start` cluster on this machine instead).
 """
@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout / `--working-dir .`
 
 from neobert.config_io import load_config  # noqa: E402
-from pipelines.preprocess import PreprocessConfig, run_preprocess  # noqa: E402
+from pipelines.mlm.preprocess import PreprocessConfig, run_preprocess  # noqa: E402
 
 FLAGS = ("output", "tokenizer", "max_seq_len", "min_seq_len", "pack_tokens", "text_column", "eval_fraction")
 FLAGS += ("on_bad_row", "seed", "id_column", "text_split")

@@ -3,7 +3,7 @@
   python jobs/validate_contrastive.py                                   # the embedded sources
   python jobs/validate_contrastive.py --source msmarco=data/msmarco.jsonl --source scifact=data/scifact \
       --output outputs/contrastive --max-reject-fraction 0.02 --max-seq-len 512 --truncation truncate
-  python jobs/validate_contrastive.py --sources-yaml configs/contrastive_sources.yaml
+  python jobs/validate_contrastive.py --sources-yaml configs/contrastive_sources.example.yaml
   ray job submit --working-dir . -- python jobs/validate_contrastive.py --output /shared/contrastive
 
 Exit codes: 0 ok; 2 bad arguments / a source cannot be read; 3 a source exceeds --max-reject-fraction or yields
@@ -25,11 +25,10 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere / ray job submit
 
 from neobert.config_io import from_dict, load_yaml_dict  # noqa: E402
-from pipelines.contrastive_data import (  # noqa: E402
+from pipelines.contrastive.sources import ValidateContrastiveConfig, parse_source_arg  # noqa: E402
+from pipelines.contrastive.validate import (  # noqa: E402
     RejectThresholdExceeded,
-    ValidateContrastiveConfig,
     main_error,
-    parse_source_arg,
     validate_contrastive,
 )
 

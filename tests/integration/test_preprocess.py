@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from neobert.schema import validate_packed_table
-from pipelines.preprocess import PreprocessConfig, build_packed_datasets, read_packed, run_preprocess
+from pipelines.mlm.packed_io import read_packed
+from pipelines.mlm.preprocess import PreprocessConfig, build_packed_datasets, run_preprocess
 
 pytestmark = pytest.mark.integration
 
@@ -99,7 +100,7 @@ def test_preprocess_end_to_end(ray_session, corpus, tmp_path):
 
 
 def test_bad_input_is_named(ray_session, corpus, tmp_path):
-    with pytest.raises(Exception, match=r"dirty\.jsonl, row 0, field 'text': empty_text"):
+    with pytest.raises(Exception, match=r"dirty\.jsonl, row 1, field 'text': empty_text"):
         run_preprocess(_cfg(corpus, tmp_path / "o", on_bad_row="error"))
     with pytest.raises(ValueError, match="no Parquet shards"):
         read_packed(str(tmp_path / "nothing"))
