@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from pipelines.contrastive.dedup import find_duplicates
 from pipelines.contrastive.report import length_summary, render_html
 from pipelines.contrastive.rules import BLANK_LINE, REASONS, RowRejected, pair_key
 from pipelines.contrastive.sources import (
@@ -27,7 +28,6 @@ from pipelines.contrastive.validate import (
     MARKER_NAME,
     ContrastiveRowValidator,
     RejectThresholdExceeded,
-    find_duplicates,
     parse_record,
     read_validated,
     validate_contrastive,
@@ -324,7 +324,7 @@ def test_find_duplicates_is_order_independent():
 def test_find_duplicates_matches_naive_reference_and_bucketing():
     import random
 
-    from pipelines.contrastive.validate import _add_key_bucket
+    from pipelines.contrastive.dedup import add_key_bucket as _add_key_bucket
 
     rng = random.Random(0)
     n = 2000
