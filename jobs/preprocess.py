@@ -16,13 +16,15 @@ import argparse
 import json
 import logging
 import sys
+import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout / `--working-dir .`
 
 from neobert.config_io import load_config  # noqa: E402
-from pipelines.mlm.preprocess import PreprocessConfig, run_preprocess  # noqa: E402
+from pipelines.io import BadRowError, describe, unwrap_error  # noqa: E402
+from pipelines.mlm.preprocess import PreprocessConfig, check_inputs, run_preprocess  # noqa: E402
 
 FLAGS = ("output", "tokenizer", "max_seq_len", "min_seq_len", "pack_tokens", "text_column", "eval_fraction")
 FLAGS += ("on_bad_row", "seed", "id_column", "text_split")
@@ -52,8 +54,21 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from pipelines.ray_session import init_ray
 
+    try:
+        check_inputs(cfg)  # missing inputs, input/output overlap, tokenizer: reported before Ray starts
+    except (ValueError, OSError) as e:
+        print(f"error: {describe(e)}", file=sys.stderr)
+        return 2
     init_ray(args.address, REPO, include_dashboard=False)
-    report = run_preprocess(cfg)
+    try:
+        report = run_preprocess(cfg)
+    except Exception as e:  # Ray wraps a worker's BadRowError: print the cause as one line
+        if not isinstance(unwrap_error(e), (BadRowError, ValueError, OSError)):
+            traceback.print_exc()  # not a user error: keep the trace
+            print(f"error: {describe(e)}", file=sys.stderr)
+            return 1
+        print(f"error: {describe(e)}", file=sys.stderr)
+        return 2
     summary = {k: report[k] for k in ("documents", "segments", "tokens", "packs", "fill_ratio", "elapsed_s")}
     summary["skipped_rows"] = report["skipped_rows"]["by_reason"]
     summary["train_packs"] = report["splits"]["train"]["packs"]

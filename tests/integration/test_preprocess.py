@@ -1,5 +1,6 @@
 """End to end on a slice of the embedded corpus through the shared Ray cluster: shards + report written and
-valid, bit-identical on a re-run, readable with read_packed, identical to the on-the-fly stream; bad input named."""
+valid, bit-identical on a re-run, readable with read_packed, identical to the on-the-fly stream; bad input named,
+and a failed re-run leaves the previous output as it was."""
 
 from __future__ import annotations
 
@@ -97,6 +98,15 @@ def test_preprocess_end_to_end(ray_session, corpus, tmp_path):
     # the on-the-fly stream yields exactly the written rows, in the same order
     live = build_packed_datasets(_cfg(corpus, out))["train"].take_all()
     assert [list(r["input_ids"]) for r in live] == [list(r["input_ids"]) for r in rows]
+
+    # a failed re-run (a bad row raised inside a Ray actor) leaves the previous output exactly as it was, plus
+    # failure.json naming the row; nothing is left staged beside it
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(Exception, match=r"dirty\.jsonl, row 1, field 'text': empty_text"):
+        run_preprocess(_cfg(corpus, out, on_bad_row="error"))
+    assert "dirty.jsonl, row 1" in json.loads((out / "failure.json").read_text())["error"]
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != "failure.json"} == before
+    assert sorted(p.name for p in out.parent.iterdir()) == ["packed", "two"]
 
 
 def test_bad_input_is_named(ray_session, corpus, tmp_path):
