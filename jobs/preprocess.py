@@ -3,6 +3,7 @@
     python jobs/preprocess.py                                  # embedded corpus -> outputs/preprocessed
     python jobs/preprocess.py --input data/*.jsonl s3://bucket/corpus/ --output /data/packed --max-seq-len 512
     python jobs/preprocess.py --config configs/my_preprocess.yaml --on-bad-row skip --pack-tokens 16384
+    python jobs/preprocess.py --input data/ --output /data/packed --length-views 1024,2048  # + views/min1024/ ...
     ray job submit --working-dir . -- python jobs/preprocess.py --input /shared/raw --output /shared/packed
 
 Flags with dashes map onto `pipelines.mlm.preprocess.PreprocessConfig` fields; any other field can be set with a
@@ -27,7 +28,7 @@ from pipelines.io import BadRowError, describe, unwrap_error  # noqa: E402
 from pipelines.mlm.preprocess import PreprocessConfig, check_inputs, run_preprocess  # noqa: E402
 
 FLAGS = ("output", "tokenizer", "max_seq_len", "min_seq_len", "pack_tokens", "text_column", "eval_fraction")
-FLAGS += ("on_bad_row", "seed", "id_column", "text_split")
+FLAGS += ("on_bad_row", "seed", "id_column", "text_split", "length_views")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,7 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = parser.parse_known_args(argv)
     for name in FLAGS:
         if getattr(args, name) is not None:
-            overrides += [f"--{name}", getattr(args, name)]
+            value = getattr(args, name)
+            if name == "length_views" and not value.startswith("["):
+                value = f"[{value}]"  # --length-views 1024,2048
+            overrides += [f"--{name}", value]
     cfg = load_config(PreprocessConfig, args.config, overrides)
     if args.input:
         cfg.input = list(args.input)

@@ -88,6 +88,9 @@ class PreprocessConfig:
     # (catches a systematic bug at once) or "all" shards (~40% of the packer's CPU time, measured). Every shard
     # also gets O(rows) bound checks, and `read_packed` validates every row group it reads.
     validate_shards: Literal["first", "all"] = "first"
+    # Length views (run_preprocess only): for each L, OUTPUT/views/min<L>/{train,eval}/ + report.* hold the packed
+    # documents of at least L content tokens (e.g. [1024, 2048] for a long-context phase that weights them).
+    length_views: list[int] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
         def bad(key: str, why: str) -> ValueError:
@@ -141,6 +144,12 @@ class PreprocessConfig:
             raise bad("num_pack_streams", "must be >= 1")
         if self.validate_shards not in ("first", "all"):
             raise bad("validate_shards", "must be 'first' or 'all'")
+        if isinstance(self.length_views, int):
+            self.length_views = [self.length_views]
+        if any(not isinstance(v, int) or v < 1 for v in self.length_views) or len(
+            set(self.length_views)
+        ) != len(self.length_views):
+            raise bad("length_views", "must be distinct positive token counts, e.g. [1024, 2048]")
 
     def read_options(self) -> ReadOptions:
         return ReadOptions(
@@ -190,8 +199,10 @@ def _packed_stream(
     stream: int = 0,
     num_streams: int = 1,
     published_uri: str | None = None,
+    min_doc_tokens: int = 0,
 ):  # -> ray.data.Dataset
-    """One tokenize -> pack pipeline over `files` (unit indices are local to this stream)."""
+    """One tokenize -> pack pipeline over `files` (unit indices are local to this stream); `min_doc_tokens` > 0
+    keeps only documents of at least that many content tokens (a length view)."""
     import ray
 
     if not ray.is_initialized():
@@ -234,6 +245,7 @@ def _packed_stream(
             eval_fraction=cfg.eval_fraction,
             seed=cfg.seed,
             splits=splits,
+            min_doc_tokens=min_doc_tokens,
         ),
     )
     # The packer is light (~1% of tokenization) and must be exactly one actor: 0 logical CPUs so it never
@@ -312,6 +324,33 @@ def run_preprocess(cfg: PreprocessConfig) -> dict[str, Any]:
     return report
 
 
+def _pack_all(
+    cfg: PreprocessConfig,
+    files: list[InputFile],
+    splits: tuple[str, ...],
+    staging: str,
+    output: str,
+    min_doc: int,
+) -> PreprocessStats:
+    """Run the packer streams writing under `staging` (report paths name `output`); merged statistics."""
+    # Files dealt round-robin to independent packer streams (deterministic for a given num_pack_streams).
+    n = min(cfg.num_pack_streams, len(files))
+    streams = [
+        _packed_stream(cfg, files[p::n], splits, staging, p, n, output, min_doc_tokens=min_doc)
+        for p in range(n)
+    ]
+    ds = streams[0].union(*streams[1:]) if n > 1 else streams[0]
+    rows = ds.take_all()  # tiny metadata rows, one per shard
+    final = [r for r in rows if r["shard"] == -1]
+    assert len(final) == n, f"expected {n} statistics rows from the packers, got {len(final)}"
+    stats = PreprocessStats(cfg.pack_tokens, splits)
+    for r in final:
+        stats.merge_state(json.loads(r["stats_json"]))
+    for s in stats.splits.values():
+        s.shards.sort(key=lambda x: x["path"])
+    return stats
+
+
 def _preprocess_into(
     cfg: PreprocessConfig,
     files: list[InputFile],
@@ -323,20 +362,8 @@ def _preprocess_into(
     """The whole run, writing shards and the report under `staging`; paths in the report name `output`."""
     splits = SPLITS if cfg.eval_fraction > 0 else ("train",)
     log.info("preprocess: %d input files -> %s", len(files), output)
-    # Files dealt round-robin to independent packer streams (deterministic for a given num_pack_streams).
-    n = min(cfg.num_pack_streams, len(files))
-    streams = [_packed_stream(cfg, files[p::n], splits, staging, p, n, output) for p in range(n)]
-    ds = streams[0].union(*streams[1:]) if n > 1 else streams[0]
-    rows = ds.take_all()  # tiny metadata rows, one per shard
-    final = [r for r in rows if r["shard"] == -1]
-    assert len(final) == n, f"expected {n} statistics rows from the packers, got {len(final)}"
+    report = _pack_all(cfg, files, splits, staging, output, 0).to_dict()
     elapsed = time.perf_counter() - t0
-    stats = PreprocessStats(cfg.pack_tokens, splits)
-    for r in final:
-        stats.merge_state(json.loads(r["stats_json"]))
-    for s in stats.splits.values():
-        s.shards.sort(key=lambda x: x["path"])
-    report = stats.to_dict()
     warnings = [f"input file {s['file']} skipped: {s['reason']}" for s in skipped]
     if cfg.eval_fraction > 0 and not report["splits"]["eval"]["documents"]:
         warnings.append(
@@ -345,6 +372,11 @@ def _preprocess_into(
         )
     for w in warnings:
         log.warning("preprocess: %s", w)
+    common = {
+        "inputs": [dataclasses.asdict(f) for f in files],
+        "skipped_input_files": skipped,
+        "config": to_dict(cfg),
+    }
     report = {
         "schema_version": SCHEMA_VERSION,
         "output": output,
@@ -352,14 +384,29 @@ def _preprocess_into(
         **report,
         "elapsed_s": round(elapsed, 3),
         "tokens_per_s": round(report["tokens"] / elapsed, 1) if elapsed > 0 else None,
-        "inputs": [dataclasses.asdict(f) for f in files],
-        "skipped_input_files": skipped,
-        "config": to_dict(cfg),
+        **common,
     }
     if not report["splits"]["train"]["packs"]:
         raise ValueError(
             f"no training packs were produced from {len(files)} input files ({report['skipped_rows']['total']} "
             f"rows skipped: {report['skipped_rows']['by_reason']}); check --text-column / inputs"
         )
+    views = {}
+    for length in cfg.length_views:
+        name = f"min{length}"
+        v = _pack_all(
+            cfg, files, splits, f"{staging}/views/{name}", f"{output}/views/{name}", length
+        ).to_dict()
+        view_warnings = []
+        if not v["splits"]["train"]["packs"]:
+            view_warnings.append(f"length view {name}: no document has >= {length} tokens; the view is empty")
+            log.warning("preprocess: %s", view_warnings[-1])
+        v = {"schema_version": SCHEMA_VERSION, "output": f"{output}/views/{name}", "min_doc_tokens": length,
+             "warnings": view_warnings, **v, **common}  # fmt: skip
+        write_report(v, f"{staging}/views/{name}")
+        views[name] = {k: v[k] for k in ("min_doc_tokens", "documents", "tokens", "packs", "output")}
+        report["warnings"] += view_warnings
+    if views:
+        report["length_views"] = views
     write_report(report, staging)
     return report

@@ -18,7 +18,7 @@ import numpy as np
 from pipelines.io import filesystem_for
 from pipelines.report_html import render
 
-SPLITS = ("train", "eval")  # split codes: index in this tuple (pipelines.mlm.tokenize uses the same tuple)
+SPLITS = ("train", "eval")  # split codes: index in this tuple (the tokenizer actor imports it from here)
 
 FILL_EDGES = (0.0, 0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 0.999, 1.0)  # fill-ratio histogram bins
 _DENSE = 1 << 16  # exact bincount for document lengths below this
@@ -98,6 +98,9 @@ class PreprocessStats:
         self.skipped_files: list[dict[str, Any]] = []
         self.doc_lengths = LengthHistogram()
         self.files: dict[str, dict[str, int]] = {}  # input file -> rows, bad_rows, documents
+        self.below_view_length = (
+            0  # length views: documents left out for being shorter than the view's length
+        )
 
     def add_chunk(self, stats: dict[str, Any], doc_lengths: np.ndarray, doc_split: np.ndarray) -> None:
         """One tokenized chunk: its `stats_json` dict, content lengths (D,) and split codes (D,) of its documents."""
@@ -107,6 +110,7 @@ class PreprocessStats:
         f["rows"] += stats["rows"]
         f["bad_rows"] += sum(stats["bad_counts"].values())
         f["documents"] += len(doc_lengths)
+        self.below_view_length += stats.get("below_view_length", 0)
         for ex in stats["bad_examples"]:
             if sum(1 for e in self.bad_examples if e["reason"] == ex["reason"]) < 20:
                 self.bad_examples.append(ex)
@@ -140,6 +144,7 @@ class PreprocessStats:
             "bad_examples": self.bad_examples,
             "skipped_files": self.skipped_files,
             "files": self.files,
+            "below_view_length": self.below_view_length,
             "doc_lengths": [nz.tolist(), self.doc_lengths.counts[nz].tolist(), self.doc_lengths.overflow],
             "splits": {
                 n: {
@@ -162,6 +167,7 @@ class PreprocessStats:
         self.bad_counts.update(st["bad_counts"])
         self.bad_examples += st["bad_examples"]
         self.skipped_files += st["skipped_files"]
+        self.below_view_length += st["below_view_length"]
         for name, c in st["files"].items():
             f = self.files.setdefault(name, {"rows": 0, "bad_rows": 0, "documents": 0})
             for k in f:
@@ -215,6 +221,7 @@ class PreprocessStats:
             },
             "skipped_files": self.skipped_files,
             "per_file": [{"file": k, **v} for k, v in sorted(self.files.items())],
+            "documents_below_view_length": self.below_view_length,
             "document_length_tokens": {
                 "percentiles": self.doc_lengths.percentiles(),
                 "histogram_log2": self.doc_lengths.log2_histogram(),

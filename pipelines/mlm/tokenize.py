@@ -192,6 +192,7 @@ class TokenizeFiles:
         eval_fraction: float,
         seed: int,
         splits: Sequence[str] = SPLITS,
+        min_doc_tokens: int = 0,
     ):
         # One actor per CPU: the tokenizer must not spawn its own thread pool on top (oversubscription).
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
@@ -200,6 +201,7 @@ class TokenizeFiles:
         self.opts = read_options
         self.eval_fraction, self.seed = eval_fraction, seed
         self.keep_split = np.array([s in splits for s in SPLITS])
+        self.min_doc_tokens = min_doc_tokens  # length views: documents with fewer content tokens are left out
 
     def __call__(self, batch: pa.Table | dict[str, Any]) -> Iterator[pa.Table]:
         units = batch.to_pylist() if isinstance(batch, pa.Table) else _rows_of(batch)
@@ -222,6 +224,11 @@ class TokenizeFiles:
         texts = [t for t, k in zip(chunk.texts, keep, strict=True) if k]
         doc_split = split[keep]
         flat, doc_len = self.tok.encode(texts)
+        below_view = 0
+        if self.min_doc_tokens > 0:
+            long = doc_len >= self.min_doc_tokens  # (D,) bool
+            below_view = int((~long).sum())
+            flat, doc_len, doc_split = flat[np.repeat(long, doc_len)], doc_len[long], doc_split[long]
         seg = split_documents(flat, doc_len, self.max_seq_len, self.min_seq_len)
         stats = {
             "file": file,
@@ -231,6 +238,7 @@ class TokenizeFiles:
             "dropped": {s: seg.dropped(doc_split == i) for i, s in enumerate(SPLITS)},
             "skipped_file": chunk.skipped_file,
             "other_split_docs": int((~keep).sum()),
+            "below_view_length": below_view,
         }
         return pa.Table.from_arrays(
             [
