@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from neobert.config_io import from_dict, load_yaml_dict  # noqa: E402
 from pipelines.contrastive.sources import ValidateContrastiveConfig, parse_source_arg  # noqa: E402
+from pipelines.io import describe, unwrap_error  # noqa: E402
 from pipelines.contrastive.validate import (  # noqa: E402
     RejectThresholdExceeded,
     main_error,
@@ -85,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
         main_error(str(e))
         return 2
     except Exception as e:  # e.g. a file that breaks mid-read inside a Ray task
+        if isinstance(unwrap_error(e), (ValueError, OSError)):  # a user error wrapped by Ray: one line
+            main_error(describe(e))
+            return 2
         import traceback
 
         traceback.print_exc()

@@ -70,6 +70,7 @@ from pipelines.contrastive.sources import (
     resolve_source,
 )
 from pipelines.io import StagedOutput, check_no_overlap, parse_json_object
+from pipelines.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -169,8 +170,6 @@ class ContrastiveRowValidator:
         tokenize: bool = False,
         tokenizer: str = "",
     ):
-        from pipelines.tokenizer import load_tokenizer
-
         self.sources, self.kinds = sources, kinds
         self.max_seq_len, self.truncation, self.tokenize = max_seq_len, truncation, tokenize
         self.tok = load_tokenizer(tokenizer or None)

@@ -54,6 +54,7 @@ from pipelines.mlm.pack import PackChunks
 from pipelines.mlm.read import ReadOptions
 from pipelines.mlm.report import PreprocessStats, write_report
 from pipelines.mlm.tokenize import SPLITS, TokenizeFiles
+from pipelines.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -182,8 +183,6 @@ def check_inputs(cfg: PreprocessConfig) -> tuple[list[InputFile], list[dict[str,
     if cfg.input:
         check_no_overlap(cfg.input, cfg.output)
     if cfg.tokenizer:
-        from pipelines.tokenizer import load_tokenizer
-
         load_tokenizer(cfg.tokenizer)
     return files, skipped
 
@@ -228,8 +227,6 @@ def _packed_stream(
         )
         ds.context.autoscaling_config.actor_pool_util_upscaling_threshold = 0.5
     if cfg.tokenizer:
-        from pipelines.tokenizer import load_tokenizer
-
         load_tokenizer(cfg.tokenizer)  # fail on the driver, with the path in the message, not in an actor
     ds = ds.map_batches(
         TokenizeFiles,

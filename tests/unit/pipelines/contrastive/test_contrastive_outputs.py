@@ -92,3 +92,57 @@ def test_beir_numeric_ids_are_normalized_and_counted_lists_rejected(tmp_path):
     assert ex["file"] == "queries.jsonl" and ex["row"] == 2 and "_id is list" in ex["detail"]
     assert s["rows_read"] == s["valid"] + s["rejected"] == 2
     assert ">2</td></tr>" in render_html(report).split("numeric ids normalized")[1].split("</table>")[0]
+
+
+def test_every_beir_line_is_valid_or_quarantined(tmp_path):
+    """BEIR fuzz: every qrels line and every bad queries/corpus line lands in exactly one place (valid or the
+    quarantine with a reason), never both, never neither; valid pairs are the distinct resolvable ones."""
+    import itertools
+
+    import pyarrow.parquet as pq
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    case = itertools.count()
+    qrel = st.one_of(
+        st.tuples(st.sampled_from(["q0", "q1", "q404"]), st.sampled_from(["d0", "d1", "d404"]),
+                  st.sampled_from(["1", "2", "0", "-1", "x", ""])).map(lambda t: "\t".join(t).rstrip("\t")),
+        st.sampled_from(["", "q0", "garbage line", "q0\td0\t1\textra"]),
+    )  # fmt: skip
+    aux_bad = st.lists(
+        st.sampled_from(['{"_id": [1], "text": "l"}', "{oops", '{"text": "no id"}', "[]"]), max_size=3
+    )
+
+    @settings(max_examples=25, deadline=None)
+    @given(lines=st.lists(qrel, min_size=1, max_size=12), bad_q=aux_bad, bad_c=aux_bad)
+    def check(lines, bad_q, bad_c):
+        root = tmp_path / f"case{next(case)}" / "beir"
+        (root / "qrels").mkdir(parents=True)
+        queries = [
+            json.dumps({"_id": "q0", "text": "query zero"}),
+            json.dumps({"_id": "q1", "text": "query one"}),
+        ]
+        corpus = [json.dumps({"_id": "d0", "text": "doc zero"}), json.dumps({"_id": "d1", "text": "doc one"})]
+        (root / "queries.jsonl").write_text("\n".join(queries + bad_q) + "\n")
+        (root / "corpus.jsonl").write_text("\n".join(corpus + bad_c) + "\n")
+        (root / "qrels" / "t.tsv").write_text("\n".join(lines) + "\n")
+        out = root.parent / "out"
+        if not any(ln.strip() for ln in lines) and not bad_q and not bad_c:
+            return  # no rows at all: a failed source (tested in test_contrastive_validate.py)
+        report = val.validate_contrastive(_cfg(out, SourceConfig("b", str(root))), engine="local")
+        s = report["sources"]["b"]
+        valid = pq.read_table(out / "valid").num_rows if any((out / "valid").iterdir()) else 0
+        quar = pq.read_table(out / "quarantine").to_pylist() if any((out / "quarantine").iterdir()) else []
+        places = [(q["file"], q["row"]) for q in quar]
+        assert len(places) == len(set(places))  # never twice
+        records = [i + 1 for i, ln in enumerate(lines) if ln.strip()]
+        assert s["rows_read"] == len(records) + len(bad_q) + len(bad_c) == valid + len(quar)  # never neither
+        good = []
+        for ln in lines:
+            p = ln.split("\t")
+            positive = len(p) == 2 or (len(p) > 2 and p[2].lstrip("-").isdigit() and int(p[2]) >= 1)
+            if positive and p[0] in ("q0", "q1") and p[1] in ("d0", "d1"):
+                good.append((p[0], p[1]))
+        assert valid == len(set(good))
+
+    check()
