@@ -26,12 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from neobert.config_io import from_dict, load_yaml_dict  # noqa: E402
 from pipelines.contrastive.sources import ValidateContrastiveConfig, parse_source_arg  # noqa: E402
-from pipelines.io import describe, unwrap_error  # noqa: E402
 from pipelines.contrastive.validate import (  # noqa: E402
     RejectThresholdExceeded,
     main_error,
     validate_contrastive,
 )
+from pipelines.io import describe, unwrap_error  # noqa: E402
 
 
 def build_config(argv: list[str] | None = None) -> ValidateContrastiveConfig:
