@@ -4,7 +4,6 @@ reported (engine="local", no Ray cluster)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -27,14 +26,6 @@ def _jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def _tree(d: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(d.rglob("*"))
-        if p.is_file()
-    }
-
-
 def _cfg(out: Path, *sources: SourceConfig) -> ValidateContrastiveConfig:
     return ValidateContrastiveConfig(sources=list(sources), output=str(out), max_reject_fraction=1.0)
 
@@ -47,11 +38,11 @@ def test_a_source_inside_the_output_is_refused_and_kept(tmp_path):
     assert src.is_file() and json.loads(src.read_text().splitlines()[0]) == GOOD[0]
 
 
-def test_failed_rerun_keeps_the_previous_output(tmp_path, monkeypatch):
+def test_failed_rerun_keeps_the_previous_output(tmp_path, monkeypatch, tree_digests):
     src = _jsonl(tmp_path / "a.jsonl", GOOD)
     out = tmp_path / "out"
     val.validate_contrastive(_cfg(out, SourceConfig("a", str(src))), engine="local")
-    good = _tree(out)
+    good = tree_digests(out)
     assert val.MARKER_NAME in good and any(k.startswith("valid/") for k in good)
 
     def crash(cfg, resolved, staging):
@@ -62,7 +53,7 @@ def test_failed_rerun_keeps_the_previous_output(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         val.validate_contrastive(_cfg(out, SourceConfig("a", str(src))), engine="local")
     assert json.loads((out / FAILURE_NAME).read_text())["error"] == "OSError: disk full"
-    assert {k: v for k, v in _tree(out).items() if k != FAILURE_NAME} == good
+    assert {k: v for k, v in tree_digests(out).items() if k != FAILURE_NAME} == good
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "out"]  # no staging dir left behind
 
 

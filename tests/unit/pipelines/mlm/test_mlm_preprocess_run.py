@@ -4,7 +4,6 @@ contents) is tested on tiny inputs. The real Ray wiring is covered by tests/inte
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -77,25 +76,17 @@ def _docs(path: Path, n: int, extra: bytes = b"") -> Path:
     return path
 
 
-def _tree(d: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(d.rglob("*"))
-        if p.is_file()
-    }
-
-
-def test_input_inside_the_output_is_refused_and_never_deleted(tmp_path):
+def test_input_inside_the_output_is_refused_and_never_deleted(tmp_path, tree_digests):
     d = tmp_path / "d"
     (d / "train").mkdir(parents=True)
     pq.write_table(pa.table({"text": ["a document of some words"] * 3}), d / "train" / "part-00000.parquet")
-    before = _tree(d)
+    before = tree_digests(d)
     with pytest.raises(ValueError, match="overlaps the output"):
         pp.run_preprocess(_cfg([d / "train"], d))
-    assert _tree(d) == before
+    assert tree_digests(d) == before
 
 
-def test_failed_rerun_keeps_previous_output_and_reports_the_failure(tmp_path):
+def test_failed_rerun_keeps_previous_output_and_reports_the_failure(tmp_path, tree_digests):
     src = tmp_path / "src"
     src.mkdir()
     _docs(src / "a.jsonl", 60)
@@ -103,13 +94,13 @@ def test_failed_rerun_keeps_previous_output_and_reports_the_failure(tmp_path):
     report = pp.run_preprocess(_cfg([src], out))
     assert report["splits"]["train"]["packs"] >= 2 and (out / "report.html").is_file()
     assert all(s["path"].startswith(str(out) + "/") for s in report["splits"]["train"]["shards"])
-    good = _tree(out)
+    good = tree_digests(out)
     _docs(src / "b.jsonl", 3, extra=b'{"id": "bad", "text": ""}\n')
     with pytest.raises(BadInputError, match=r"b\.jsonl, row 4, field 'text': empty_text"):
         pp.run_preprocess(_cfg([src], out, on_bad_row="error"))
     failure = json.loads((out / FAILURE_NAME).read_text())
     assert "row 4" in failure["error"]
-    assert {k: v for k, v in _tree(out).items() if k != FAILURE_NAME} == good
+    assert {k: v for k, v in tree_digests(out).items() if k != FAILURE_NAME} == good
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]  # no staging dir left
 
 
