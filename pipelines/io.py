@@ -17,6 +17,10 @@ contrastive: the quarantine). A file that cannot be read at all is `unreadable_f
 
 Publishing outputs (`StagedOutput`): a job writes into a staging location beside its target and publishes only on
 success; a failed run leaves the previous output as it was, plus `failure.json`.
+
+Error reporting: Ray re-raises a worker's exception wrapped (RayTaskError, Ray Data's own errors) and Ray Data logs
+it with long tracebacks; `unwrap_error` / `describe` recover the user-facing cause as one line, and
+`ray_data_console_errors_held` keeps those console tracebacks back while the caller reports the error itself.
 """
 
 from __future__ import annotations
@@ -447,6 +451,29 @@ def unwrap_error(e: BaseException) -> BaseException:
             return cur
         cur = getattr(cur, "cause", None) or cur.__cause__ or cur.__context__
     return e
+
+
+class _DropErrors(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR
+
+
+@contextlib.contextmanager
+def ray_data_console_errors_held():
+    """Ray Data logs a failed task's exception on the console with two long tracebacks before it re-raises it; the
+    caller reports that error itself (one `error:` line and failure.json), so the console ERROR records of
+    `ray.data` are held back during the run. Ray Data's log file (`<session>/logs/ray-data/`) still has them."""
+    import ray.data  # noqa: F401  (configures the `ray.data` loggers)
+
+    drop = _DropErrors()
+    handlers = [h for h in logging.getLogger("ray.data").handlers if not isinstance(h, logging.FileHandler)]
+    for h in handlers:
+        h.addFilter(drop)
+    try:
+        yield
+    finally:
+        for h in handlers:
+            h.removeFilter(drop)
 
 
 def describe(e: BaseException) -> str:

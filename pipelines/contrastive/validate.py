@@ -30,6 +30,7 @@ ends up, and publishing that), hence its length; the cross-row steps (dedup, neg
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import json
@@ -69,7 +70,7 @@ from pipelines.contrastive.sources import (
     read_raw_sources,
     resolve_source,
 )
-from pipelines.io import StagedOutput, check_no_overlap, parse_json_object
+from pipelines.io import StagedOutput, check_no_overlap, parse_json_object, ray_data_console_errors_held
 from pipelines.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -588,7 +589,8 @@ def _validate_into(
     """Every step of `validate_contrastive`, writing into `out` (the staging dir); messages name `final`."""
     (out / "valid").mkdir(parents=True)
     (out / "quarantine").mkdir(parents=True)
-    stats_rows, expected = (_run_ray if engine == "ray" else _run_local)(cfg, resolved, out)
+    with ray_data_console_errors_held() if engine == "ray" else contextlib.nullcontext():
+        stats_rows, expected = (_run_ray if engine == "ray" else _run_local)(cfg, resolved, out)
 
     report = rep.build_report(
         stats_rows,

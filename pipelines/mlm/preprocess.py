@@ -49,6 +49,7 @@ from pipelines.io import (
     check_no_overlap,
     list_inputs,
     log_skipped,
+    ray_data_console_errors_held,
 )
 from pipelines.mlm.pack import PackChunks
 from pipelines.mlm.read import ReadOptions
@@ -308,7 +309,8 @@ def run_preprocess(cfg: PreprocessConfig) -> dict[str, Any]:
     output = absolute_uri(cfg.output)
     stage = StagedOutput(output, owned_marker="report.json")
     try:
-        report = _preprocess_into(cfg, files, skipped, stage.uri, output, t0)
+        with ray_data_console_errors_held():
+            report = _preprocess_into(cfg, files, skipped, stage.uri, output, t0)
     except BaseException as e:
         where = stage.fail(e)
         log.error("preprocess failed; the previous output (if any) is unchanged; see %s", where)
