@@ -439,15 +439,18 @@ class BeirJoiner:
                         )
                     )
                     continue
-                if str(qid) not in queries:  # otherwise never joined: silently unused
-                    detail = (
-                        f"{neg_file} line {lineno}: unknown query-id {str(qid)!r} (not in {cfg.queries_file})"
-                    )
+                ids = ids if isinstance(ids, list) else [ids]
+                norm = [_beir_id(i) for i in [qid, *ids]]  # the same id rules as queries / corpus
+                why = next((w for _, _, w in norm if w), "")
+                if why:
+                    bad.append((neg_file, lineno, line, "wrong_type", f"{neg_file} line {lineno}: {why}"))
+                    continue
+                qid, ids = norm[0][0], [n for n, _, _ in norm[1:]]
+                if qid not in queries:  # otherwise never joined: silently unused
+                    detail = f"{neg_file} line {lineno}: unknown query-id {qid!r} (not in {cfg.queries_file})"
                     bad.append((neg_file, lineno, line, "dangling_id", detail))
                     continue
-                if not isinstance(ids, list):
-                    ids = [ids]
-                negs.setdefault(str(qid), []).extend(str(i) for i in ids)
+                negs.setdefault(qid, []).extend(ids)
         self.maps[src.index] = (queries, corpus, negs, bad, num_q + num_c)
         return self.maps[src.index]
 

@@ -75,9 +75,10 @@ def test_beir_numeric_ids_are_normalized_and_counted_lists_rejected(tmp_path):
     )
     (root / "qrels").mkdir()
     (root / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n1\t7\t1\n")
+    _jsonl(root / "hard_negatives.jsonl", [{"query-id": 1.0, "corpus-ids": ["d8"]}])  # same id rules
     report = val.validate_contrastive(_cfg(tmp_path / "out", SourceConfig("b", str(root))), engine="local")
     s = report["sources"]["b"]
-    assert s["numeric_ids_normalized"] == 2 and s["valid"] == 1
+    assert s["numeric_ids_normalized"] == 2 and s["valid"] == 1 and s["negatives_per_query"] == {"1": 1}
     assert s["reasons"] == {"wrong_type": 1}
     ex = s["examples"]["wrong_type"][0]
     assert ex["file"] == "queries.jsonl" and ex["row"] == 2 and "_id is list" in ex["detail"]
