@@ -55,6 +55,7 @@ from pipelines.mlm.pack import PackChunks
 from pipelines.mlm.read import ReadOptions
 from pipelines.mlm.report import PreprocessStats, write_report
 from pipelines.mlm.tokenize import SPLITS, TokenizeFiles
+from pipelines.mlm.views import view_name, view_path
 from pipelines.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -392,17 +393,15 @@ def _preprocess_into(
         )
     views = {}
     for length in cfg.length_views:
-        name = f"min{length}"
-        v = _pack_all(
-            cfg, files, splits, f"{staging}/views/{name}", f"{output}/views/{name}", length
-        ).to_dict()
+        name, where = view_name(length), view_path(output, length)
+        v = _pack_all(cfg, files, splits, view_path(staging, length), where, length).to_dict()
         view_warnings = []
         if not v["splits"]["train"]["packs"]:
             view_warnings.append(f"length view {name}: no document has >= {length} tokens; the view is empty")
             log.warning("preprocess: %s", view_warnings[-1])
-        v = {"schema_version": SCHEMA_VERSION, "output": f"{output}/views/{name}", "min_doc_tokens": length,
+        v = {"schema_version": SCHEMA_VERSION, "output": where, "min_doc_tokens": length,
              "warnings": view_warnings, **v, **common}  # fmt: skip
-        write_report(v, f"{staging}/views/{name}")
+        write_report(v, view_path(staging, length))
         views[name] = {k: v[k] for k in ("min_doc_tokens", "documents", "tokens", "packs", "output")}
         report["warnings"] += view_warnings
     if views:

@@ -31,6 +31,7 @@ from pipelines.embedded import materialize
 from pipelines.io import InputFile
 from pipelines.mlm.read import DocChunk, ReadOptions, is_eval_document, iter_document_chunks
 from pipelines.mlm.report import SPLITS
+from pipelines.mlm.views import keep_long_documents
 from pipelines.tokenizer import CLS_ID, SEP_ID, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -226,9 +227,9 @@ class TokenizeFiles:
         flat, doc_len = self.tok.encode(texts)
         below_view = 0
         if self.min_doc_tokens > 0:
-            long = doc_len >= self.min_doc_tokens  # (D,) bool
-            below_view = int((~long).sum())
-            flat, doc_len, doc_split = flat[np.repeat(long, doc_len)], doc_len[long], doc_split[long]
+            flat, doc_len, doc_split, below_view = keep_long_documents(
+                flat, doc_len, doc_split, self.min_doc_tokens
+            )
         seg = split_documents(flat, doc_len, self.max_seq_len, self.min_seq_len)
         stats = {
             "file": file,

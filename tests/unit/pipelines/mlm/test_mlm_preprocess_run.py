@@ -133,6 +133,7 @@ def test_report_warns_about_skipped_files_and_an_empty_eval_split(tmp_path, capl
 
 def test_length_views_hold_only_long_documents(tmp_path):
     from pipelines.mlm.packed_io import packed_files
+    from pipelines.mlm.views import length_views
     from pipelines.tokenizer import load_tokenizer
 
     src = _docs(tmp_path / "a.jsonl", 60)
@@ -148,6 +149,7 @@ def test_length_views_hold_only_long_documents(tmp_path):
         assert view["document_length_tokens"]["percentiles"]["min"] >= length
         assert packed_files(str(out / "views" / f"min{length}"), "train")
     assert report["documents"] == len(lengths)
+    assert length_views(str(out)) == {20: f"{out}/views/min20", 30: f"{out}/views/min30"}
     with pytest.raises(ValueError, match="length_views"):
         pp.PreprocessConfig(length_views=[0])
 
