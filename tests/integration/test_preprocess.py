@@ -81,9 +81,15 @@ def test_preprocess_end_to_end(ray_session, corpus, tmp_path):
     assert _digests(out) == first
 
     # two independent packer streams (files dealt round-robin): same documents, tokens and length statistics
-    two = run_preprocess(_cfg(corpus, tmp_path / "two", num_pack_streams=2))
+    two = run_preprocess(_cfg(corpus, tmp_path / "two", num_pack_streams=2, length_views=[300]))
     for key in ("documents", "tokens", "rows_read", "document_length_tokens", "skipped_rows"):
         assert two[key] == report[key], key
+    # the length view: only documents of >= 300 tokens, packed on their own, readable like the main output
+    view = json.loads((tmp_path / "two" / "views" / "min300" / "report.json").read_text())
+    assert 0 < view["documents"] < two["documents"]
+    assert view["documents"] + view["documents_below_view_length"] == two["documents"]
+    assert view["document_length_tokens"]["percentiles"]["min"] >= 300
+    assert read_packed(str(tmp_path / "two" / "views" / "min300")).count() == view["splits"]["train"]["packs"]
     names = sorted(p.name for p in (tmp_path / "two" / "train").glob("*.parquet"))
     assert names[0].startswith("part-s000-") and names[-1].startswith("part-s001-")
     assert read_packed(str(tmp_path / "two")).count() == two["splits"]["train"]["packs"]
