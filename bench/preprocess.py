@@ -92,7 +92,7 @@ def main() -> int:
 
     import ray
 
-    from pipelines.preprocess import PreprocessConfig, run_preprocess
+    from pipelines.mlm.preprocess import PreprocessConfig, run_preprocess
 
     ray.init(address="local", num_cpus=args.cores, include_dashboard=False, log_to_driver=False)
     cfg = PreprocessConfig(

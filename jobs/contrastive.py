@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from pipelines import cli, contracts  # noqa: E402
 from pipelines import contrastive_train as ct  # noqa: E402
-from pipelines.contrastive_data import MARKER_NAME  # noqa: E402
+from pipelines.contrastive.validate import MARKER_NAME  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 FLAGS = (

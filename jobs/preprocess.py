@@ -3,6 +3,7 @@
   python jobs/preprocess.py                                  # embedded corpus -> outputs/preprocessed
   python jobs/preprocess.py --input data/*.jsonl s3://bucket/corpus/ --output /data/packed --max-seq-len 512
   python jobs/preprocess.py --config configs/preprocess_cluster.yaml --on-bad-row skip --pack-tokens 16384
+  python jobs/preprocess.py --input data/ --output /data/packed --length-views 1024,2048  # + views/min1024/ ...
   ray job submit --working-dir . -- python jobs/preprocess.py --input /shared/raw --output /shared/packed
 
 Packs hold --pack-tokens tokens (default 8192); jobs/pretrain.py on the output takes its pack size from
@@ -20,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout / `--working-dir .`
 
 from pipelines import cli  # noqa: E402
-from pipelines.preprocess import PreprocessConfig, input_files, run_preprocess  # noqa: E402
+from pipelines.mlm.preprocess import PreprocessConfig, check_inputs, run_preprocess  # noqa: E402
 
 F = cli.Flag
 FLAGS = (
@@ -33,11 +34,12 @@ FLAGS = (
     F(("--on-bad-row",), "on_bad_row", "error | skip (count and report bad rows)", metavar="MODE"),
     F(("--text-column",), "text_column", "JSONL key / column holding the text", metavar="NAME"),
     F(("--tokenizer",), "tokenizer", "tokenizer.json or a dir holding one", metavar="PATH"),
+    F(("--length-views",), "length_views", "also write views of the documents >= L tokens (L,L,...)", metavar="L,..."),
 )
 
 
 def run(cfg: PreprocessConfig, ctx: cli.Context) -> int:
-    input_files(cfg)  # missing inputs fail here, before Ray starts
+    check_inputs(cfg)  # missing inputs, input/output overlap, tokenizer: reported before Ray starts
     ctx.init_ray(include_dashboard=False)
     report = run_preprocess(cfg)
     summary = {k: report[k] for k in ("documents", "segments", "tokens", "packs", "fill_ratio", "elapsed_s")}

@@ -20,11 +20,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout / `--working-dir .`
 
 from pipelines import cli  # noqa: E402
-from pipelines.contrastive_data import (  # noqa: E402
+from pipelines.contrastive.sources import ValidateContrastiveConfig, parse_source_arg  # noqa: E402
+from pipelines.contrastive.validate import (  # noqa: E402
     RejectThresholdExceeded,
-    ValidateContrastiveConfig,
-    parse_source_arg,
-    resolve_source,
+    check_inputs,
     validate_contrastive,
 )
 
@@ -42,8 +41,7 @@ FLAGS = (
 
 
 def run(cfg: ValidateContrastiveConfig, ctx: cli.Context) -> int:
-    for i, s in enumerate(cfg.sources):  # unreadable sources fail here, before Ray starts
-        resolve_source(s, i)
+    check_inputs(cfg)  # unreadable sources, a source inside the output: refused before Ray starts
     if cfg.engine == "ray":
         ctx.init_ray(include_dashboard=False)
     report = validate_contrastive(cfg)

@@ -63,6 +63,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if origin in (list, tuple):
         if isinstance(value, str):
             value = [v for v in value.split(",") if v]
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = [value]  # `--length_views 1024`: one item of a list key
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"config key {key!r}: expected a list, got {value!r}")
         inner = args[0] if args else Any

@@ -10,7 +10,7 @@ One row = one pack of whole document segments, stored without padding:
     num_segments  int32
 
 The schema version travels in the Parquet/Arrow schema metadata under `SCHEMA_VERSION_KEY`. Both the writer
-(`pipelines.pack`) and the reader (`pipelines.preprocess.read_packed`, the training collate) call
+(`pipelines.mlm.pack`) and the reader (`pipelines.mlm.packed_io.read_packed`, the training collate) call
 `validate_packed_table`, which checks every invariant with vectorized numpy (no per-row Python loop) and
 raises `PackedSchemaError` naming the file, the row and the field.
 
@@ -67,15 +67,22 @@ def check_schema_version(metadata: dict[bytes, bytes] | None, *, source: str = "
         )
 
 
-def _list_parts(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """(offsets (R+1,) int64 starting at 0, values (sum,) int64) of a list<int> column."""
+def flatten_list_column(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets (R+1,) int64 starting at 0, values (sum,) in the column's value dtype) of a list column, through
+    its Arrow offsets (zero-copy where possible; a sliced array's values are cut to the rows it holds)."""
     arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
     if isinstance(arr, pa.ChunkedArray):  # combine_chunks of a 0-chunk ChunkedArray
         arr = pa.array([], type=arr.type)
     offsets = arr.offsets.to_numpy().astype(np.int64)
-    values = arr.values.to_numpy(zero_copy_only=False).astype(np.int64)
+    values = arr.values.to_numpy(zero_copy_only=False)
     values = values[offsets[0] : offsets[-1]] if len(offsets) else values[:0]
     return offsets - (offsets[0] if len(offsets) else 0), values
+
+
+def _list_parts(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """`flatten_list_column` with int64 values (bound checks must not overflow)."""
+    offsets, values = flatten_list_column(col)
+    return offsets, values.astype(np.int64)
 
 
 def validate_packed_table(

@@ -27,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from neobert.schema import flatten_list_column as _flat
 from neobert.schema import validate_packed_table
 from pipelines.tokenizer import PAD_ID
 
@@ -47,16 +48,6 @@ class PackedBatch:
     num_tokens: int  # real tokens; T - num_tokens are padding
     num_rows: int
     sum_sq_seqlens: int  # sum of squared real document lengths (attention FLOPs for MFU)
-
-
-def _flat(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """(offsets (R+1,) int64 from 0, values) of a list<int32> column, via Arrow offsets (zero-copy where possible)."""
-    arr = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
-    if isinstance(arr, pa.ChunkedArray):  # 0 chunks
-        arr = pa.array([], type=arr.type)
-    offsets = arr.offsets.to_numpy().astype(np.int64)
-    values = arr.values.to_numpy(zero_copy_only=False)[offsets[0] : offsets[-1]]
-    return offsets - offsets[0], values
 
 
 def collate_packed(

@@ -24,7 +24,7 @@ def _join(root: str, name: str) -> str:
 def _exists(path: str) -> bool:
     import pyarrow.fs as pafs
 
-    from pipelines.read import filesystem_for  # pyarrow filesystems: local dirs and URIs alike
+    from pipelines.io import filesystem_for  # pyarrow filesystems: local dirs and URIs alike
 
     fs, p = filesystem_for(path)
     return fs.get_file_info(p).type != pafs.FileType.NotFound
@@ -32,7 +32,7 @@ def _exists(path: str) -> bool:
 
 def read_packed_report(packed_dir: str) -> dict[str, Any] | None:
     """The `report.json` that jobs/preprocess.py wrote into `packed_dir`, or None when there is none."""
-    from pipelines.read import filesystem_for
+    from pipelines.io import filesystem_for
 
     path = _join(packed_dir, REPORT_FILE)
     fs, p = filesystem_for(path)
@@ -49,7 +49,7 @@ def read_packed_report(packed_dir: str) -> dict[str, Any] | None:
 
 def check_packed_dir(packed_dir: str) -> None:
     """`packed_dir` exists and holds train/*.parquet shards (the output of jobs/preprocess.py)."""
-    from pipelines.preprocess import has_packed_split
+    from pipelines.mlm.packed_io import has_packed_split
 
     if not _exists(packed_dir):
         raise FileNotFoundError(

@@ -761,7 +761,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------------------------------- driver
 def load_rows(input_dir: str | Path) -> pa.Table:
     """The validated rows of `input_dir`; ValueError (with the fix) when it was not validated."""
-    from pipelines.contrastive_data import read_validated
+    from pipelines.contrastive.validate import read_validated
 
     table = read_validated(input_dir)
     if not isinstance(table, pa.Table):  # a Ray Dataset
@@ -855,7 +855,8 @@ def ensure_validated(input_dir: str) -> Path:
     A user dir that was not validated is refused (ValueError naming the command to run), never validated
     behind the user's back with guessed options.
     """
-    from pipelines.contrastive_data import MARKER_NAME, ValidateContrastiveConfig, validate_contrastive
+    from pipelines.contrastive.sources import ValidateContrastiveConfig
+    from pipelines.contrastive.validate import MARKER_NAME, validate_contrastive
 
     if input_dir:
         d = Path(input_dir)

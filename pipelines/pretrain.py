@@ -5,7 +5,7 @@
          each worker: train_loop_per_worker(config) -> PretrainRunner(cfg).run()
 
 Data flow: `datasets={"train", "eval"}` (packed rows from a preprocessed dir, or built on the fly from raw
-text by `pipelines.preprocess.build_packed_datasets`). "train" is split across workers with
+text by `pipelines.mlm.preprocess.build_packed_datasets`). "train" is split across workers with
 `streaming_split(equal=True)` (Ray Train's `DataConfig`) under `preserve_order=True`, which makes the split
 deterministic: the splitter hands each bundle to the output with the fewest rows, so for a fixed input order
 and worker count every worker sees the same rows in every run, and every worker gets the same number of rows
@@ -271,20 +271,20 @@ def load_pretrain_config(
 # ----------------------------------------------------------------------------------------------------------------
 def build_datasets(cfg: PretrainConfig) -> dict[str, Any]:
     """{"train", "eval"} Ray Datasets of packed rows (lazy)."""
-    from pipelines import preprocess
+    from pipelines.mlm import packed_io, preprocess
 
     if cfg.data.packed_dir:
         # A string, not a Path: Path("s3://b/k") collapses to "s3:/b/k". Listed through pyarrow filesystems,
         # so local dirs and s3:// / gs:// / file:// URIs take the same code path.
         root = cfg.data.packed_dir
-        if not preprocess.has_packed_split(root, "train"):
+        if not packed_io.has_packed_split(root, "train"):
             raise ValueError(
                 f"data.packed_dir={root} has no train/*.parquet shards; run `python jobs/preprocess.py --output "
                 f"{root}` first or leave data.packed_dir empty to preprocess on the fly"
             )
-        ds = {"train": preprocess.read_packed(root, split="train")}
-        if preprocess.has_packed_split(root, "eval"):  # absent when preprocessed with eval_fraction=0
-            ds["eval"] = preprocess.read_packed(root, split="eval")
+        ds = {"train": packed_io.read_packed(root, split="train")}
+        if packed_io.has_packed_split(root, "eval"):  # absent when preprocessed with eval_fraction=0
+            ds["eval"] = packed_io.read_packed(root, split="eval")
     else:
         # pack_tokens follows data.pack_tokens, and segments must fit a pack: max_seq_len <= pack_tokens.
         pre = {"pack_tokens": cfg.data.pack_tokens, **cfg.data.preprocess}
@@ -997,7 +997,7 @@ class RunFiles:
         return self.local / name
 
     def _remote(self, name: str):
-        from pipelines.read import filesystem_for
+        from pipelines.io import filesystem_for
 
         fs, root = filesystem_for(self.run_dir)
         return fs, f"{root.rstrip('/')}/{name}"

@@ -20,7 +20,7 @@ ROWS_PER_SOURCE = 400
 
 
 def _subset_sources(tmp: Path) -> list:
-    from pipelines.contrastive_data import SourceConfig
+    from pipelines.contrastive.sources import SourceConfig
     from pipelines.embedded import materialize
 
     out = []
@@ -36,7 +36,8 @@ def _subset_sources(tmp: Path) -> list:
 def test_contrastive_training_improves_heldout_recall(ray_session, tmp_path):
     from neobert.checkpoint import load_model_dir
     from pipelines import contrastive_train as ct
-    from pipelines.contrastive_data import ValidateContrastiveConfig, validate_contrastive
+    from pipelines.contrastive.sources import ValidateContrastiveConfig
+    from pipelines.contrastive.validate import validate_contrastive
 
     val_dir = tmp_path / "validated"
     validate_contrastive(ValidateContrastiveConfig(sources=_subset_sources(tmp_path), output=str(val_dir)))

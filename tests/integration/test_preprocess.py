@@ -1,5 +1,6 @@
 """End to end on a slice of the embedded corpus through the shared Ray cluster: shards + report written and
-valid, bit-identical on a re-run, readable with read_packed, identical to the on-the-fly stream; bad input named."""
+valid, bit-identical on a re-run, readable with read_packed, identical to the on-the-fly stream; bad input named,
+and a failed re-run leaves the previous output as it was."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from neobert.schema import validate_packed_table
-from pipelines.preprocess import PreprocessConfig, build_packed_datasets, read_packed, run_preprocess
+from pipelines.mlm.packed_io import read_packed
+from pipelines.mlm.preprocess import PreprocessConfig, build_packed_datasets, run_preprocess
 
 pytestmark = pytest.mark.integration
 
@@ -79,9 +81,15 @@ def test_preprocess_end_to_end(ray_session, corpus, tmp_path):
     assert _digests(out) == first
 
     # two independent packer streams (files dealt round-robin): same documents, tokens and length statistics
-    two = run_preprocess(_cfg(corpus, tmp_path / "two", num_pack_streams=2))
+    two = run_preprocess(_cfg(corpus, tmp_path / "two", num_pack_streams=2, length_views=[300]))
     for key in ("documents", "tokens", "rows_read", "document_length_tokens", "skipped_rows"):
         assert two[key] == report[key], key
+    # the length view: only documents of >= 300 tokens, packed on their own, readable like the main output
+    view = json.loads((tmp_path / "two" / "views" / "min300" / "report.json").read_text())
+    assert 0 < view["documents"] < two["documents"]
+    assert view["documents"] + view["documents_below_view_length"] == two["documents"]
+    assert view["document_length_tokens"]["percentiles"]["min"] >= 300
+    assert read_packed(str(tmp_path / "two" / "views" / "min300")).count() == view["splits"]["train"]["packs"]
     names = sorted(p.name for p in (tmp_path / "two" / "train").glob("*.parquet"))
     assert names[0].startswith("part-s000-") and names[-1].startswith("part-s001-")
     assert read_packed(str(tmp_path / "two")).count() == two["splits"]["train"]["packs"]
@@ -97,9 +105,18 @@ def test_preprocess_end_to_end(ray_session, corpus, tmp_path):
     live = build_packed_datasets(_cfg(corpus, out))["train"].take_all()
     assert [list(r["input_ids"]) for r in live] == [list(r["input_ids"]) for r in rows]
 
+    # a failed re-run (a bad row raised inside a Ray actor) leaves the previous output exactly as it was, plus
+    # failure.json naming the row; nothing is left staged beside it
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(Exception, match=r"dirty\.jsonl, row 1, field 'text': empty_text"):
+        run_preprocess(_cfg(corpus, out, on_bad_row="error"))
+    assert "dirty.jsonl, row 1" in json.loads((out / "failure.json").read_text())["error"]
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != "failure.json"} == before
+    assert sorted(p.name for p in out.parent.iterdir()) == ["packed", "two"]
+
 
 def test_bad_input_is_named(ray_session, corpus, tmp_path):
-    with pytest.raises(Exception, match=r"dirty\.jsonl, row 0, field 'text': empty_text"):
+    with pytest.raises(Exception, match=r"dirty\.jsonl, row 1, field 'text': empty_text"):
         run_preprocess(_cfg(corpus, tmp_path / "o", on_bad_row="error"))
     with pytest.raises(ValueError, match="no Parquet shards"):
         read_packed(str(tmp_path / "nothing"))

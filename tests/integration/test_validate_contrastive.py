@@ -139,7 +139,7 @@ def _valid_set(out: Path) -> list[tuple]:
 
 def test_mixed_sources_report_quarantine_valid(ray_session, tmp_path):
     from jobs.validate_contrastive import build_config
-    from pipelines.contrastive_data import read_validated, validate_contrastive
+    from pipelines.contrastive.validate import read_validated, validate_contrastive
 
     yaml_path, exp = make_sources(tmp_path / "src")
     cfg = build_config(["--sources-yaml", yaml_path, "--output", str(tmp_path / "out"), "--tokenize"])

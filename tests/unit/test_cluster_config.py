@@ -138,7 +138,7 @@ def test_8xh100_config_matches_the_gpu_node_type():
 
 def test_cluster_preprocess_config_feeds_the_pretraining_config():
     from neobert.config_io import load_config
-    from pipelines.preprocess import PreprocessConfig
+    from pipelines.mlm.preprocess import PreprocessConfig
 
     pre = load_config(PreprocessConfig, ROOT / "configs" / "preprocess_cluster.yaml", [])
     train = load_pretrain_config(CONFIG_8XH100)

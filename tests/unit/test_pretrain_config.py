@@ -77,11 +77,11 @@ def test_missing_packed_dir_names_the_fix(tmp_path):
 @pytest.mark.parametrize("as_uri", [True, False])
 def test_packed_dir_checked_through_pyarrow_filesystem(tmp_path, monkeypatch, as_uri):
     """A URI packed_dir (file:// here; s3:// / gs:// take the same pyarrow path) reaches read_packed unchanged."""
-    from pipelines import preprocess
+    from pipelines.mlm import packed_io
     from pipelines.pretrain import build_datasets
 
     calls = []
-    monkeypatch.setattr(preprocess, "read_packed", lambda path, split: calls.append((path, split)) or split)
+    monkeypatch.setattr(packed_io, "read_packed", lambda path, split: calls.append((path, split)) or split)
     root = tmp_path / "packed"
     packed_dir = f"file://{root}" if as_uri else str(root)
     cfg = load_pretrain_config(None, ["--data.packed_dir", packed_dir, "--data.num_eval_rows", "0"])

@@ -8,7 +8,6 @@ every emitted pack, then `to_dict()` gives the report body. Document lengths are
 
 from __future__ import annotations
 
-import html
 import json
 import math
 from collections import Counter
@@ -16,8 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.read import filesystem_for
-from pipelines.tokenize import SPLITS
+from pipelines.io import filesystem_for
+from pipelines.report_html import render
+
+SPLITS = ("train", "eval")  # split codes: index in this tuple (the tokenizer actor imports it from here)
 
 FILL_EDGES = (0.0, 0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.998, 0.999, 1.0)  # fill-ratio histogram bins
 _DENSE = 1 << 16  # exact bincount for document lengths below this
@@ -96,11 +97,20 @@ class PreprocessStats:
         self.bad_examples: list[dict[str, Any]] = []
         self.skipped_files: list[dict[str, Any]] = []
         self.doc_lengths = LengthHistogram()
+        self.files: dict[str, dict[str, int]] = {}  # input file -> rows, bad_rows, documents
+        self.below_view_length = (
+            0  # length views: documents left out for being shorter than the view's length
+        )
 
     def add_chunk(self, stats: dict[str, Any], doc_lengths: np.ndarray, doc_split: np.ndarray) -> None:
         """One tokenized chunk: its `stats_json` dict, content lengths (D,) and split codes (D,) of its documents."""
         self.rows += stats["rows"]
         self.bad_counts.update(stats["bad_counts"])
+        f = self.files.setdefault(stats.get("file", ""), {"rows": 0, "bad_rows": 0, "documents": 0})
+        f["rows"] += stats["rows"]
+        f["bad_rows"] += sum(stats["bad_counts"].values())
+        f["documents"] += len(doc_lengths)
+        self.below_view_length += stats.get("below_view_length", 0)
         for ex in stats["bad_examples"]:
             if sum(1 for e in self.bad_examples if e["reason"] == ex["reason"]) < 20:
                 self.bad_examples.append(ex)
@@ -133,6 +143,8 @@ class PreprocessStats:
             "bad_counts": dict(self.bad_counts),
             "bad_examples": self.bad_examples,
             "skipped_files": self.skipped_files,
+            "files": self.files,
+            "below_view_length": self.below_view_length,
             "doc_lengths": [nz.tolist(), self.doc_lengths.counts[nz].tolist(), self.doc_lengths.overflow],
             "splits": {
                 n: {
@@ -155,6 +167,11 @@ class PreprocessStats:
         self.bad_counts.update(st["bad_counts"])
         self.bad_examples += st["bad_examples"]
         self.skipped_files += st["skipped_files"]
+        self.below_view_length += st["below_view_length"]
+        for name, c in st["files"].items():
+            f = self.files.setdefault(name, {"rows": 0, "bad_rows": 0, "documents": 0})
+            for k in f:
+                f[k] += c[k]
         values, counts, overflow = st["doc_lengths"]
         np.add.at(
             self.doc_lengths.counts, np.asarray(values, dtype=np.int64), np.asarray(counts, dtype=np.int64)
@@ -180,7 +197,7 @@ class PreprocessStats:
                 "segments": s.segments,
                 "tokens": s.tokens,
                 "packs": s.packs,
-                "fill_ratio": s.tokens / (s.packs * self.pack_tokens) if s.packs else None,
+                "fill_ratio": round(s.tokens / (s.packs * self.pack_tokens), 6) if s.packs else None,
                 "fill_histogram": dict(zip(labels, s.fill_hist.tolist(), strict=True)),
                 "dropped_segments": {
                     r: {"segments": c["segments"], "tokens": c["tokens"], "why": _WHY[r]}
@@ -196,13 +213,15 @@ class PreprocessStats:
             "segments": sum(s.segments for s in self.splits.values()),
             "tokens": total_tokens,
             "packs": total_packs,
-            "fill_ratio": total_tokens / (total_packs * self.pack_tokens) if total_packs else None,
+            "fill_ratio": round(total_tokens / (total_packs * self.pack_tokens), 6) if total_packs else None,
             "skipped_rows": {
                 "total": int(sum(self.bad_counts.values())),
                 "by_reason": dict(sorted(self.bad_counts.items())),
                 "examples": self.bad_examples,
             },
             "skipped_files": self.skipped_files,
+            "per_file": [{"file": k, **v} for k, v in sorted(self.files.items())],
+            "documents_below_view_length": self.below_view_length,
             "document_length_tokens": {
                 "percentiles": self.doc_lengths.percentiles(),
                 "histogram_log2": self.doc_lengths.log2_histogram(),
@@ -222,89 +241,25 @@ def _code(split: str) -> int:
     return SPLITS.index(split)
 
 
-def _svg_bars(title: str, counts: dict[str, int], xlabel: str) -> str:
-    """A small inline SVG bar chart (no plotting library needed)."""
-    items = list(counts.items())
-    w, h, pad, top = 640, 240, 40, 24
-    n = max(len(items), 1)
-    bw = (w - 2 * pad) / n
-    peak = max([c for _, c in items] + [1])
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h + 60}" role="img">',
-        f'<text x="{w / 2}" y="16" text-anchor="middle" font-size="14">{html.escape(title)}</text>',
-        f'<line x1="{pad}" y1="{h}" x2="{w - pad}" y2="{h}" stroke="#333"/>',
-    ]
-    for i, (label, c) in enumerate(items):
-        bh = (h - top) * c / peak
-        x = pad + i * bw
-        parts.append(
-            f'<rect x="{x + 1:.1f}" y="{h - bh:.1f}" width="{bw - 2:.1f}" height="{bh:.1f}" fill="#4a7ebb">'
-            f"<title>{html.escape(label)}: {c}</title></rect>"
-        )
-        parts.append(
-            f'<text x="{x + bw / 2:.1f}" y="{h - bh - 3:.1f}" text-anchor="middle" font-size="9">{c}</text>'
-        )
-        parts.append(
-            f'<text x="{x + bw / 2:.1f}" y="{h + 12}" text-anchor="end" font-size="9" '
-            f'transform="rotate(-40 {x + bw / 2:.1f} {h + 12})">{html.escape(label)}</text>'
-        )
-    parts.append(
-        f'<text x="{w / 2}" y="{h + 56}" text-anchor="middle" font-size="11">{html.escape(xlabel)}</text>'
-    )
-    parts.append("</svg>")
-    return "".join(parts)
-
-
 def render_html(report: dict[str, Any]) -> str:
-    def row(k: str, v: Any) -> str:
-        return f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
-
-    summary = {
-        k: report.get(k) for k in ("rows_read", "documents", "segments", "tokens", "packs", "fill_ratio")
-    }
-    summary["elapsed_s"] = report.get("elapsed_s")
-    summary["tokens_per_s"] = report.get("tokens_per_s")
-    body = ["<h1>NeoBERT preprocessing report</h1>", "<table>"]
-    body += [row(k, v) for k, v in summary.items()]
-    body.append("</table><h2>Per split</h2><table><tr><th>split</th><th>documents</th><th>segments</th>"
-                "<th>tokens</th><th>packs</th><th>fill ratio</th><th>dropped segments</th></tr>")  # fmt: skip
-    for name, s in report["splits"].items():
-        dropped = ", ".join(
-            f"{r}: {d['segments']} ({d['tokens']} tokens)" for r, d in s["dropped_segments"].items()
-        )
-        fill = "-" if s["fill_ratio"] is None else f"{s['fill_ratio']:.5f}"
-        body.append(
-            f"<tr><td>{name}</td><td>{s['documents']}</td><td>{s['segments']}</td><td>{s['tokens']}</td>"
-            f"<td>{s['packs']}</td><td>{fill}</td><td>{html.escape(dropped)}</td></tr>"
-        )
-    body.append("</table>")
+    keys = (
+        "rows_read",
+        "documents",
+        "segments",
+        "tokens",
+        "packs",
+        "fill_ratio",
+        "elapsed_s",
+        "tokens_per_s",
+    )
     pct = report["document_length_tokens"]["percentiles"]
-    body.append("<h2>Document length (tokens)</h2><p>" + html.escape(json.dumps(pct)) + "</p>")
-    body.append(
-        _svg_bars("Document length histogram", report["document_length_tokens"]["histogram_log2"], "tokens")
+    names = [k for k in ("min", *(f"p{q}" for q in PERCENTILES), "max") if k in pct]
+    return render(
+        "preprocess_report.html.j2",
+        report=report,
+        summary={k: report.get(k) for k in keys},
+        percentile_names=names,
     )
-    for name, s in report["splits"].items():
-        if s["packs"]:
-            body.append(
-                _svg_bars(f"Pack fill ratio ({name})", s["fill_histogram"], "num_tokens / pack_tokens")
-            )
-    sk = report["skipped_rows"]
-    body.append(f"<h2>Skipped rows: {sk['total']}</h2><table>")
-    body += [row(k, v) for k, v in sk["by_reason"].items()]
-    body.append("</table><ul>")
-    body += [f"<li>{html.escape(json.dumps(e))}</li>" for e in sk["examples"]]
-    body.append("</ul>")
-    if report["skipped_files"]:
-        body.append("<h2>Skipped files</h2><ul>")
-        body += [f"<li>{html.escape(json.dumps(e))}</li>" for e in report["skipped_files"]]
-        body.append("</ul>")
-    body.append(
-        "<h2>Configuration</h2><pre>" + html.escape(json.dumps(report.get("config", {}), indent=2)) + "</pre>"
-    )
-    style = (
-        "body{font-family:sans-serif;max-width:960px;margin:2em auto}td,th{padding:2px 8px;text-align:left}"
-    )
-    return f"<!doctype html><html><head><meta charset='utf-8'><title>preprocess report</title><style>{style}</style></head><body>{''.join(body)}</body></html>"
 
 
 def write_report(report: dict[str, Any], output_uri: str) -> tuple[str, str]:

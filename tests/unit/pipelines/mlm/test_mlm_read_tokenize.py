@@ -17,9 +17,11 @@ from hypothesis import strategies as st
 
 from neobert.config_io import from_dict, to_dict, to_yaml
 from neobert.schema import validate_packed_table
-from pipelines.preprocess import PackChunks, PreprocessConfig
-from pipelines.read import BadInputError, ReadOptions, is_eval_document, iter_document_chunks, resolve_inputs
-from pipelines.tokenize import (
+from pipelines.io import resolve_inputs
+from pipelines.mlm.pack import PackChunks
+from pipelines.mlm.preprocess import PreprocessConfig
+from pipelines.mlm.read import BadInputError, ReadOptions, is_eval_document, iter_document_chunks
+from pipelines.mlm.tokenize import (
     SPLITS,
     DocumentTokenizer,
     TokenizeFiles,
@@ -113,30 +115,30 @@ def test_missing_text_column_names_file_and_columns(tmp_path):
     chunks, ids, _ = _read(tmp_path / "x.parquet", on_bad_row="skip")
     assert ids == [] and chunks[0].bad_counts["missing_text_column"] == 1
     _jsonl(tmp_path / "y.jsonl", [{"body": "x"}])
-    with pytest.raises(BadInputError, match=r"y\.jsonl, row 0.*no key 'text'; the row has keys \['body'\]"):
+    with pytest.raises(BadInputError, match=r"y\.jsonl, row 1.*no key 'text'; the row has keys \['body'\]"):
         _read(tmp_path / "y.jsonl")
 
 
 BAD_LINES = [
     (b'{"text": "\xff\xfe broken"}\n', "invalid_utf8"),
-    (b"{not json}\n", "invalid_json"),
+    (b"{not json}\n", "malformed_json"),
     (b'{"text": 42}\n', "non_string_text"),
     (b'{"text": null}\n', "null_text"),
     (b'{"text": "   "}\n', "empty_text"),
     (b'{"text": "lone \\udc80 surrogate"}\n', "invalid_utf8"),
-    (b'["a list"]\n', "invalid_json"),
+    (b'["a list"]\n', "malformed_json"),
 ]
 
 
 @pytest.mark.parametrize("line,reason", BAD_LINES)
 def test_bad_rows_error_or_counted(tmp_path, line, reason):
     p = _jsonl(tmp_path / "x.jsonl", DOCS[:1], [line])
-    with pytest.raises(BadInputError, match=rf"x\.jsonl, row 1, field 'text': {reason}.*--on-bad-row skip"):
+    with pytest.raises(BadInputError, match=rf"x\.jsonl, row 2, field 'text': {reason}.*--on-bad-row skip"):
         _read(p)
     chunks, ids, _ = _read(p, on_bad_row="skip")
     assert ids == ["a"]
     assert sum(c.bad_counts[reason] for c in chunks) == 1 and sum(c.num_rows for c in chunks) == 2
-    assert chunks[-1].bad_examples[0]["row"] == 1
+    assert chunks[-1].bad_examples[0]["row"] == 2  # 1-based, as the error message says
 
 
 def test_unreadable_file(tmp_path):
@@ -316,7 +318,7 @@ def test_pack_chunks_rejects_out_of_order(tmp_path):
 def test_pack_chunks_validation_policy(tmp_path, monkeypatch):
     """validate_shards="first" fully validates shard 0 of each split, bound-checks the rest; "all" every shard;
     the bytes written are the same either way, and the cheap check names file, row and field."""
-    import pipelines.preprocess as pp
+    import pipelines.mlm.pack as pp
 
     docs = [{"id": f"d{i}", "text": " ".join(f"w{j}" for j in range(i % 40 + 1))} for i in range(120)]
     rows = _tokenize_file(_jsonl(tmp_path / "x.jsonl", docs), chunk_docs=16)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from pipelines import embedded as emb
+from pipelines.embedded import bible, packages, wiki
 from pipelines.tokenizer import CLS_ID, MASK_ID, PAD_ID, SEP_ID, UNK_ID, VOCAB_SIZE, load_tokenizer
 
 MARKUP = ("{{", "}}", "[[", "]]", "<ref", "</ref", "{|", "|}", "'''", "&nbsp;", "<!--", "__TOC__")
@@ -57,8 +58,8 @@ Subsection prose here.
 [[fr:Foo]]
 __NOTOC__
 """
-    sections, residue = emb.wiki_to_sections(wikitext)
-    text = emb.sections_to_text(sections)
+    sections, residue = wiki.wiki_to_sections(wikitext)
+    text = wiki.sections_to_text(sections)
     for token in MARKUP + ("http", "Category", "Towns", "caption", "cell", "hidden", "A source", "<sup>"):
         assert token not in text, (token, text)
     assert residue == 0
@@ -71,31 +72,31 @@ __NOTOC__
 
 
 def test_nested_and_unbalanced_templates():
-    assert emb.resolve_templates("a {{outer|{{inner|{{x}}}}|y}} b").strip() == "a  b"
+    assert wiki.resolve_templates("a {{outer|{{inner|{{x}}}}|y}} b").strip() == "a  b"
     # single braces inside a template that no inner pass can match: the whole span is dropped
-    assert emb.resolve_templates("a {{chem|H{2}O|{{x}}}} b") == "a  b"
+    assert wiki.resolve_templates("a {{chem|H{2}O|{{x}}}} b") == "a  b"
     # an unclosed template keeps the rest of the text instead of swallowing it
-    assert emb.resolve_templates("a {{broken b c") == "a broken b c"
+    assert wiki.resolve_templates("a {{broken b c") == "a broken b c"
 
 
 def test_links_render_labels_and_drop_files_and_categories():
-    assert emb.resolve_links("[[Paris]] and [[Paris, Texas|Paris]] and [[London]]ers") == (
+    assert wiki.resolve_links("[[Paris]] and [[Paris, Texas|Paris]] and [[London]]ers") == (
         "Paris and Paris and Londoners"
     )
-    assert emb.resolve_links("[[Image:x.png|thumb|cap [[y]] with [z] text]]after") == "after"
-    assert emb.resolve_links("[[File:x.png|thumb|multi\nline caption]]ok") == "ok"
-    assert emb.resolve_links("[[Category:X]][[de:Y]][[:Category:Z|Z cats]]") == "Z cats"
-    assert emb.resolve_links("[[Foo (bar)|]]") == "Foo"
+    assert wiki.resolve_links("[[Image:x.png|thumb|cap [[y]] with [z] text]]after") == "after"
+    assert wiki.resolve_links("[[File:x.png|thumb|multi\nline caption]]ok") == "ok"
+    assert wiki.resolve_links("[[Category:X]][[de:Y]][[:Category:Z|Z cats]]") == "Z cats"
+    assert wiki.resolve_links("[[Foo (bar)|]]") == "Foo"
 
 
 def test_page_skip_reasons():
-    page = emb.WikiPage(1, "T", 0, False, "Some text")
-    assert emb.page_skip_reason(page) is None
-    assert emb.page_skip_reason(emb.WikiPage(1, "T", 4, False, "x")) == "non_article_namespace"
-    assert emb.page_skip_reason(emb.WikiPage(1, "T", 0, True, "#REDIRECT [[X]]")) == "redirect"
-    assert emb.page_skip_reason(emb.WikiPage(1, "A (disambiguation)", 0, False, "x")) == "disambiguation"
+    page = wiki.WikiPage(1, "T", 0, False, "Some text")
+    assert wiki.page_skip_reason(page) is None
+    assert wiki.page_skip_reason(wiki.WikiPage(1, "T", 4, False, "x")) == "non_article_namespace"
+    assert wiki.page_skip_reason(wiki.WikiPage(1, "T", 0, True, "#REDIRECT [[X]]")) == "redirect"
+    assert wiki.page_skip_reason(wiki.WikiPage(1, "A (disambiguation)", 0, False, "x")) == "disambiguation"
     assert (
-        emb.page_skip_reason(emb.WikiPage(1, "Ada", 0, False, "x\n{{Disambiguation|geo}}"))
+        wiki.page_skip_reason(wiki.WikiPage(1, "Ada", 0, False, "x\n{{Disambiguation|geo}}"))
         == "disambiguation"
     )
 
@@ -106,8 +107,8 @@ def test_wiki_section_triples_use_another_section_of_the_same_article():
         f"Lead {para}\n== A ==\nA {para}\n== B ==\n* only a list\n== C ==\nC {para}\n=== A ===\nA2 {para}\n"
     )
     skipped: Counter = Counter()
-    (article,) = emb.build_wiki_articles([emb.WikiPage(7, "T", 0, False, wikitext)], skipped)
-    rows = emb.wiki_section_triples([article], skipped)
+    (article,) = wiki.build_wiki_articles([wiki.WikiPage(7, "T", 0, False, wikitext)], skipped)
+    rows = wiki.wiki_section_triples([article], skipped)
     assert rows == [
         {"query": "T: A", "corpus": f"A {para}", "negative": f"C {para}"},
         {"query": "T: C", "corpus": f"C {para}", "negative": f"A2 {para}"},  # a duplicate name still negates
@@ -117,10 +118,10 @@ def test_wiki_section_triples_use_another_section_of_the_same_article():
 
 
 def test_bible_triples_skip_and_count_missing_verses():
-    kjv = emb.BibleText({1001001: "k1", 1001002: "k2", 1001003: "k3", 1002001: "k4"}, {1: "Genesis"})
-    web = emb.BibleText({1001001: "w1", 1001002: "w2", 1001003: "w3", 1001004: "w4x"}, {1: "Genesis"})
+    kjv = bible.BibleText({1001001: "k1", 1001002: "k2", 1001003: "k3", 1002001: "k4"}, {1: "Genesis"})
+    web = bible.BibleText({1001001: "w1", 1001002: "w2", 1001003: "w3", 1001004: "w4x"}, {1: "Genesis"})
     skipped: Counter = Counter()
-    rows = emb.bible_triples(kjv, web, skipped)
+    rows = bible.bible_triples(kjv, web, skipped)
     assert rows == [
         {"query": "k1", "corpus": "w1", "negative": "w2"},
         {"query": "k2", "corpus": "w2", "negative": "w3"},
@@ -128,26 +129,26 @@ def test_bible_triples_skip_and_count_missing_verses():
     ]
     assert skipped == Counter({"verse_missing_in_web": 1, "verse_missing_in_kjv": 1})
     # the last verse of a chapter takes the previous verse as its negative
-    rows = emb.bible_triples(
-        emb.BibleText({1001002: "k"}, {}), emb.BibleText({1001001: "a", 1001002: "b"}, {}), Counter()
+    rows = bible.bible_triples(
+        bible.BibleText({1001002: "k"}, {}), bible.BibleText({1001001: "a", 1001002: "b"}, {}), Counter()
     )
     assert rows == [{"query": "k", "corpus": "b", "negative": "a"}]
 
 
 def test_clean_verse():
-    assert emb.clean_verse(" 2. And darkness [was] upon the face of\n the deep.") == (
+    assert bible.clean_verse(" 2. And darkness [was] upon the face of\n the deep.") == (
         "And darkness was upon the face of the deep."
     )
-    assert emb.clean_verse("3. God`s Spirit,    `Yes`") == "God's Spirit, 'Yes'"
+    assert bible.clean_verse("3. God`s Spirit,    `Yes`") == "God's Spirit, 'Yes'"
 
 
 def test_missing_package_names_the_fix(monkeypatch):
     def missing(name):
-        raise emb.importlib.metadata.PackageNotFoundError(name)
+        raise packages.importlib.metadata.PackageNotFoundError(name)
 
-    monkeypatch.setattr(emb.importlib.metadata, "distribution", missing)
+    monkeypatch.setattr(packages.importlib.metadata, "distribution", missing)
     with pytest.raises(FileNotFoundError, match=r"pip install --no-deps gensim==4\.4\.0"):
-        emb.wikipedia_dump_path()
+        packages.wikipedia_dump_path()
 
 
 # ------------------------------------------------------------------------------------ full materialization
@@ -304,7 +305,8 @@ def test_tokenizer_on_embedded_text(data: emb.EmbeddedData):
 def test_embedded_contrastive_sources_validate_without_rejections(tmp_path):
     """The builder skips (and counts) what the contrastive validator would reject, with the validator's own
     rules, so validating the embedded sources rejects nothing."""
-    from pipelines.contrastive_data import ValidateContrastiveConfig, validate_contrastive
+    from pipelines.contrastive.sources import ValidateContrastiveConfig
+    from pipelines.contrastive.validate import validate_contrastive
 
     report = validate_contrastive(ValidateContrastiveConfig(output=str(tmp_path / "v")), engine="local")
     assert report["sources"], report

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from neobert.schema import validate_packed_table
-from pipelines.pack import StreamingPacker, best_fit_decreasing, packs_to_table
+from pipelines.mlm.pack import StreamingPacker, best_fit_decreasing, packs_to_table
 from pipelines.tokenizer import CLS_ID, SEP_ID
 
 

@@ -7,7 +7,7 @@
 * `DocumentTokenizer`: the batched fast tokenizer (`encode_batch_fast`, no offsets) -> flat int32 ids.
 * `TokenizeFiles`: the stateful callable class that Ray Data runs in an actor pool
   (`map_batches(TokenizeFiles, batch_size=1, compute=ActorPoolStrategy(...))`). Each input row names one input
-  file (a *unit*); the actor streams it with `pipelines.read.iter_document_chunks`, assigns each document to
+  file (a *unit*); the actor streams it with `pipelines.mlm.read.iter_document_chunks`, assigns each document to
   train/eval by a stable hash of its id, tokenizes a chunk at a time and yields one `CHUNK_SCHEMA` row per chunk.
   Output depends only on the file content, never on batching or scheduling.
 """
@@ -27,12 +27,15 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipelines.read import DocChunk, InputFile, ReadOptions, is_eval_document, iter_document_chunks
+from pipelines.embedded import materialize
+from pipelines.io import InputFile
+from pipelines.mlm.read import DocChunk, ReadOptions, is_eval_document, iter_document_chunks
+from pipelines.mlm.report import SPLITS
+from pipelines.mlm.views import keep_long_documents
 from pipelines.tokenizer import CLS_ID, SEP_ID, load_tokenizer
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "eval")  # split codes: index in this tuple
 
 # One row per chunk of documents of one unit (input file). `tokens` holds every kept segment, specials included.
 CHUNK_SCHEMA = pa.schema(
@@ -158,8 +161,6 @@ def ensure_input_on_node(uri: str) -> None:
     cache_dir = embedded_cache_dir_to_build(uri)
     if cache_dir is None:
         return
-    from pipelines.embedded import materialize
-
     log.info("embedded corpus missing on this node (%s): materializing it under %s", uri, cache_dir)
     data = materialize(cache_dir)
     if not os.path.exists(uri):
@@ -192,6 +193,7 @@ class TokenizeFiles:
         eval_fraction: float,
         seed: int,
         splits: Sequence[str] = SPLITS,
+        min_doc_tokens: int = 0,
     ):
         # One actor per CPU: the tokenizer must not spawn its own thread pool on top (oversubscription).
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
@@ -200,6 +202,7 @@ class TokenizeFiles:
         self.opts = read_options
         self.eval_fraction, self.seed = eval_fraction, seed
         self.keep_split = np.array([s in splits for s in SPLITS])
+        self.min_doc_tokens = min_doc_tokens  # length views: documents with fewer content tokens are left out
 
     def __call__(self, batch: pa.Table | dict[str, Any]) -> Iterator[pa.Table]:
         units = batch.to_pylist() if isinstance(batch, pa.Table) else _rows_of(batch)
@@ -210,9 +213,11 @@ class TokenizeFiles:
             # Multi-node: the driver materialized the embedded corpus only on its node.
             ensure_input_on_node(f.uri)
             for k, (chunk, last) in enumerate(_with_last(iter_document_chunks(f, self.opts))):
-                yield self.tokenize_chunk(chunk, unit=int(u["unit"]), index=k, last=last)
+                yield self.tokenize_chunk(chunk, unit=int(u["unit"]), index=k, last=last, file=f.uri)
 
-    def tokenize_chunk(self, chunk: DocChunk, *, unit: int, index: int, last: bool) -> pa.Table:
+    def tokenize_chunk(
+        self, chunk: DocChunk, *, unit: int, index: int, last: bool, file: str = ""
+    ) -> pa.Table:
         split = np.array(
             [is_eval_document(i, self.eval_fraction, self.seed) for i in chunk.doc_ids], dtype=np.int8
         )  # (D,)
@@ -220,14 +225,21 @@ class TokenizeFiles:
         texts = [t for t, k in zip(chunk.texts, keep, strict=True) if k]
         doc_split = split[keep]
         flat, doc_len = self.tok.encode(texts)
+        below_view = 0
+        if self.min_doc_tokens > 0:
+            flat, doc_len, doc_split, below_view = keep_long_documents(
+                flat, doc_len, doc_split, self.min_doc_tokens
+            )
         seg = split_documents(flat, doc_len, self.max_seq_len, self.min_seq_len)
         stats = {
+            "file": file,
             "rows": chunk.num_rows,
             "bad_counts": dict(chunk.bad_counts),
             "bad_examples": chunk.bad_examples,
             "dropped": {s: seg.dropped(doc_split == i) for i, s in enumerate(SPLITS)},
             "skipped_file": chunk.skipped_file,
             "other_split_docs": int((~keep).sum()),
+            "below_view_length": below_view,
         }
         return pa.Table.from_arrays(
             [

@@ -1,4 +1,4 @@
-"""One test per rejection reason of pipelines.contrastive_data on small hand-written rows (no Ray cluster).
+"""One test per rejection reason of pipelines.contrastive on small hand-written rows (no Ray cluster).
 
 Per-row reasons go through the pure `parse_record` and the `ContrastiveRowValidator` callable; cross-row reasons
 (duplicates, negative counts, dangling BEIR ids) run the whole pipeline with engine="local", which calls the same
@@ -14,25 +14,24 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.contrastive_data import (
-    BLANK_LINE,
-    MARKER_NAME,
-    REASONS,
-    ContrastiveRowValidator,
-    RejectThresholdExceeded,
-    RowRejected,
+from pipelines.contrastive.dedup import find_duplicates
+from pipelines.contrastive.report import length_summary, render_html
+from pipelines.contrastive.rules import BLANK_LINE, REASONS, RowRejected, pair_key
+from pipelines.contrastive.sources import (
     SourceConfig,
     ValidateContrastiveConfig,
-    find_duplicates,
     iter_raw_file,
-    pair_key,
-    parse_record,
     parse_source_arg,
-    read_validated,
     resolve_source,
+)
+from pipelines.contrastive.validate import (
+    MARKER_NAME,
+    ContrastiveRowValidator,
+    RejectThresholdExceeded,
+    parse_record,
+    read_validated,
     validate_contrastive,
 )
-from pipelines.contrastive_report import length_summary, render_html
 from pipelines.tokenizer import load_tokenizer
 
 CFG = SourceConfig(name="s", path="unused")
@@ -325,7 +324,7 @@ def test_find_duplicates_is_order_independent():
 def test_find_duplicates_matches_naive_reference_and_bucketing():
     import random
 
-    from pipelines.contrastive_data import _add_key_bucket
+    from pipelines.contrastive.dedup import add_key_bucket as _add_key_bucket
 
     rng = random.Random(0)
     n = 2000
@@ -516,7 +515,7 @@ def test_job_config_from_yaml_list_and_cli(tmp_path):
 def test_docs_list_every_reason_and_example_yaml_parses():
     from jobs.validate_contrastive import build_config
 
-    root = Path(__file__).resolve().parents[2]
+    root = Path(__file__).resolve().parents[4]
     doc = (root / "docs" / "contrastive_data.md").read_text()
     missing = [r for r in REASONS if f"| `{r}` |" not in doc]
     assert not missing, f"docs/contrastive_data.md lacks reasons {missing}"
@@ -600,7 +599,7 @@ def test_every_line_lands_in_exactly_one_place(tmp_path):
 def test_rows_missing_from_disk_fail_loudly(tmp_path):
     """valid/ + quarantine/ must hold exactly the counted rows (a node-local OUTPUT on a multi-node cluster would
     not): the run fails instead of handing on a partial valid set."""
-    from pipelines.contrastive_data import VALID_SCHEMA, _check_written_rows
+    from pipelines.contrastive.validate import VALID_SCHEMA, _check_written_rows
 
     (tmp_path / "valid").mkdir()
     (tmp_path / "quarantine").mkdir()

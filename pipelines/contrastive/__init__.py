@@ -1,0 +1,1 @@
+"""Contrastive data: sources -> per-row validation -> dedup -> valid/ + quarantine/ (+ report)."""
