@@ -60,5 +60,9 @@ SPEC = cli.JobSpec(
     input_keys=("input", "tokenizer"),
 )
 
+def main(argv: list[str] | None = None) -> int:
+    return cli.main(SPEC, run, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(cli.main(SPEC, run))
+    sys.exit(main())
