@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: neobert/ and bench/
 
-from neobert.ffn import nvmmh_state  # noqa: E402
+from neobert.kernels.ffn import nvmmh_state  # noqa: E402
 from neobert.model import NeoBERTConfig, NeoBERTForMLM  # noqa: E402
 from neobert.packing import PackedMeta  # noqa: E402
 
@@ -441,7 +441,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--backend", default="auto", help="attention backend: auto | fa4 | flash_attn | torch_varlen | sdpa"
     )
-    p.add_argument("--ffn-backend", default="auto", help="SwiGLU FFN: auto | quack | torch (neobert/ffn.py)")
+    p.add_argument(
+        "--ffn-backend", default="auto", help="SwiGLU FFN: auto | quack | torch (neobert/kernels/ffn.py)"
+    )
     p.add_argument(
         "--quack-tuned",
         action="store_true",
@@ -521,9 +523,9 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
 
     device = torch.device(args.device)
-    import neobert.ffn
+    import neobert.kernels.ffn
 
-    neobert.ffn.GUARD_MISSING_NVMMH = not args.no_nvmmh_guard
+    neobert.kernels.ffn.GUARD_MISSING_NVMMH = not args.no_nvmmh_guard
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     cfg = NeoBERTConfig.preset(

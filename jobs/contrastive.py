@@ -26,6 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere / ray job submit
 
+from neobert.checkpoint import resolve_model_dir  # noqa: E402
 from neobert.config_io import load_config  # noqa: E402
 from pipelines import contrastive_train as ct  # noqa: E402
 
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.data.input_dir:
             cfg.data.input_dir = str(ct.ensure_validated(cfg.data.input_dir).resolve())
         if cfg.model.init and not cfg.model.init.startswith(ct.RANDOM_INIT_PREFIX):
-            cfg.model.init = str(ct.resolve_init(cfg.model.init).resolve())  # workers may run elsewhere
+            cfg.model.init = str(resolve_model_dir(cfg.model.init).resolve())  # workers may run elsewhere
     except (ValueError, FileNotFoundError) as e:
         print(f"contrastive: error: {e}", file=sys.stderr)
         return 2

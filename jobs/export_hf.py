@@ -1,9 +1,9 @@
 """Export a NeoBERT model dir (or a training checkpoint holding one under model/) to a Hugging Face directory.
 
     python jobs/export_hf.py CHECKPOINT OUTDIR [--tokenizer DIR] [--parity false] [--overwrite true]
-    python jobs/export_hf.py --config configs/export.yaml --checkpoint CKPT --output OUTDIR
+    python jobs/export_hf.py --config EXPORT.yaml --checkpoint CKPT --output OUTDIR
 
-The export is checked numerically against the training model before the job succeeds (see neobert/export.py).
+The export is checked numerically against the training model before the job succeeds (see neobert/hf/export.py).
 With no CHECKPOINT, the newest checkpoint of `jobs/pretrain.py` under its default storage path
 (`outputs/{pretrain,demo}/*/checkpoint_*/model`) is exported to `outputs/hf_export`; if there is none, a freshly
 initialised "tiny" model is exported to `outputs/hf_export_demo` (a smoke run of the whole path, parity check
@@ -22,8 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout or under `ray job submit`
 
+from neobert.checkpoint import MODEL_SUBDIR, latest_checkpoint  # noqa: E402
 from neobert.config_io import load_config  # noqa: E402
-from neobert.export import ExportConfig, export_hf  # noqa: E402
+from neobert.hf.export import ExportConfig, export_hf  # noqa: E402
 
 log = logging.getLogger("export_hf")
 DEMO_OUTPUT = "outputs/hf_export_demo"
@@ -32,9 +33,10 @@ PRETRAIN_STORAGES = (Path("outputs/pretrain"), Path("outputs/demo"))
 
 
 def newest_pretrain_checkpoint(storages: tuple[Path, ...] = PRETRAIN_STORAGES) -> Path | None:
-    found = [f for s in storages for f in s.glob("*/checkpoint_*/model/neobert_config.json")]
-    found.sort(key=lambda f: f.stat().st_mtime)
-    return found[-1].parent if found else None
+    """The model dir of the newest complete checkpoint under the storages (by checkpoint name, see
+    neobert.checkpoint.latest_checkpoint)."""
+    found = [c for c in (latest_checkpoint(s) for s in storages) if c is not None]
+    return max(found, key=lambda c: c.name) / MODEL_SUBDIR if found else None
 
 
 def parse_args(argv: list[str]) -> ExportConfig:
@@ -69,7 +71,7 @@ def write_demo_checkpoint(path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Exit codes: 0 ok, 2 bad arguments / checkpoint / output dir, 3 the parity check failed (the export dir is
     left in place for inspection). The reason goes to stderr."""
-    from neobert.export import ParityError
+    from neobert.hf.export import ParityError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
