@@ -219,7 +219,9 @@ def micro_batches(lengths: list[int], size: int) -> list[list[int]]:
     dimension of 1 is specialized by torch.compile (one more graph mid-run)."""
     groups = [lengths[i : i + size] for i in range(0, len(lengths), size)]
     if len(groups) > 1 and len(groups[-1]) == 1:
-        last = groups.pop()  # (not `groups[-2] = groups[-2] + groups.pop()`: the target is indexed after the pop)
+        last = (
+            groups.pop()
+        )  # (not `groups[-2] = groups[-2] + groups.pop()`: the target is indexed after the pop)
         groups[-1] = groups[-1] + last
     return groups
 
