@@ -26,11 +26,15 @@ class NeoBERTConfig:
     max_position_embeddings: int = 4096  # longest document (max_seqlen) the model accepts
     pad_vocab_to_multiple: int = 128  # pad embedding/decoder rows to a multiple of this (0 = off)
     tie_word_embeddings: bool = False  # share decoder.weight with encoder.embeddings.weight
-    attn_backend: str = "auto"  # "auto" | "fa4" | "flash_attn" | "torch_varlen" | "sdpa" (attention.py)
+    attn_backend: str = (
+        "auto"  # "auto" | "fa4" | "flash_attn" | "torch_varlen" | "sdpa" (kernels/attention.py)
+    )
     pad_token_id: int = 0  # [PAD]; its embedding row starts at zero and never receives gradient
     initializer_range: float = 0.02  # std of the normal init (output projections scaled by 1/sqrt(2L))
     fp32_residual: bool = True  # residual stream in fp32 under autocast; False = autocast dtype (~5% faster)
-    ffn_backend: str = "auto"  # "auto" | "quack" | "torch": SwiGLU in GEMM epilogues or torch ops (ffn.py)
+    ffn_backend: str = (
+        "auto"  # "auto" | "quack" | "torch": SwiGLU in GEMM epilogues or torch ops (kernels/ffn.py)
+    )
     # quack: autotune its GEMM tiles for the packed path's token count (once per shape and machine, ~90 s for
     # base, disk-cached; +3% tokens/s on an H100). Only with a static token budget per micro-batch (pretraining)
     ffn_autotune: bool = False

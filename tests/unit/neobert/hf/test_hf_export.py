@@ -357,3 +357,30 @@ def test_convert_original_rejects_wrong_layout():
     orig["model.transformer_encoder.0.attn.wq.weight"] = orig.pop("model.transformer_encoder.0.wo.weight")
     with pytest.raises(ValueError, match="missing .*wo.weight.*unexpected .*attn.wq"):
         convert_original_state_dict(orig, cfg)
+
+
+def test_export_job_picks_the_newest_complete_checkpoint_by_name(tmp_path):
+    """jobs/export_hf.py without CHECKPOINT: the newest complete checkpoint over all storages, by Ray's timestamped
+    name (a copied run dir has fresh file times), skipping a checkpoint cut off mid-write."""
+    import importlib.util
+    import os
+
+    from neobert.checkpoint import TRAIN_STATE_FILE
+
+    spec = importlib.util.spec_from_file_location("export_hf_job", REPO / "jobs" / "export_hf.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    cfg = tiny_cfg()
+    model = NeoBERTForMLM(cfg)
+    storages = (tmp_path / "pretrain", tmp_path / "demo")
+    assert job.newest_pretrain_checkpoint(storages) is None
+    made = {}
+    for storage, name in [(0, "2026-01-02_00-00-00.000001"), (1, "2026-01-01_00-00-00.000001"), (1, "2026-01-03_00-00-00.000001")]:  # fmt: skip
+        ckpt = storages[storage] / "run" / f"checkpoint_{name}"
+        save_model_dir(ckpt / "model", model, cfg)
+        (ckpt / TRAIN_STATE_FILE).write_bytes(b"state")
+        made[name] = ckpt
+    os.utime(made["2026-01-01_00-00-00.000001"] / "model" / "neobert_config.json", (4e9, 4e9))  # newest mtime
+    assert job.newest_pretrain_checkpoint(storages) == made["2026-01-03_00-00-00.000001"] / "model"
+    (made["2026-01-03_00-00-00.000001"] / TRAIN_STATE_FILE).unlink()  # incomplete now: skipped
+    assert job.newest_pretrain_checkpoint(storages) == made["2026-01-02_00-00-00.000001"] / "model"
