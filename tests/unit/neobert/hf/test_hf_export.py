@@ -384,3 +384,18 @@ def test_export_job_picks_the_newest_complete_checkpoint_by_name(tmp_path):
     assert job.newest_pretrain_checkpoint(storages) == made["2026-01-03_00-00-00.000001"] / "model"
     (made["2026-01-03_00-00-00.000001"] / TRAIN_STATE_FILE).unlink()  # incomplete now: skipped
     assert job.newest_pretrain_checkpoint(storages) == made["2026-01-02_00-00-00.000001"] / "model"
+
+
+def test_load_hf_encoder_refuses_a_truncated_export(tmp_path):
+    from neobert.hf.export import load_hf_encoder
+    from pipelines.tokenizer import default_tokenizer_dir
+
+    cfg = tiny_cfg()
+    save_model_dir(tmp_path / "m", NeoBERT(cfg), cfg, kind="encoder", pooling="mean")
+    export_hf(tmp_path / "m", tmp_path / "hf", tokenizer_dir=default_tokenizer_dir(), parity=False)
+    enc, cfg2, pooling = load_hf_encoder(tmp_path / "hf")
+    assert cfg2.ffn_hidden_size == cfg.ffn_hidden_size and pooling == "mean"
+    f = tmp_path / "hf" / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-64])
+    with pytest.raises(ValueError, match=r"model.safetensors cannot be read .*re-export"):
+        load_hf_encoder(tmp_path / "hf")
