@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from neobert.attention import build_attention, sdpa_varlen  # noqa: E402
+from neobert.kernels.attention import build_attention, sdpa_varlen  # noqa: E402
 from neobert.packing import PackedMeta  # noqa: E402
 
 

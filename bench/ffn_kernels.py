@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from neobert.ffn import swiglu_ffn_fn  # noqa: E402
+from neobert.kernels.ffn import swiglu_ffn_fn  # noqa: E402
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The lead's GPU verification in two device calls (see docs/benchmarks.md for the figures they produced).
+# GPU runs on a lent device, one part per call (docs/benchmarks.md names the part behind each figure).
 #   part A: loss + model gpu tests, bench/loss.py, bench/train_step.py baselines
 #   part B: jobs/pretrain.py (base, 1 GPU) and jobs/contrastive.py through Ray Train on carried Ray
 #   parts A4 / B4: the same with flash-attn-4 installed (auto -> fa4): GPU tests, train_step variants, and the
@@ -7,7 +7,7 @@
 #   stash them: carry .fa4a and `cp .fa4a/* /tmp/fa4stash/` (bench/prepare_fa4_wheels.sh makes .fa4a/.fa4b);
 #   for B4 also carry .device/ray-cp312.tar.xz and .device/packed1024 and copy them to /tmp/raystash/. The
 #   A4/B4 call itself carries .fa4b.
-# Carry: .device (ray-cp312.tar.xz, packed1024/, contrastive_valid/, tokenizer/) and .whl (liger-kernel).
+# Carry: .device (ray-cp312.tar.xz, packed1024/, contrastive_valid/, tokenizer/) and .whl (extra wheels, if any).
 set -u
 OUT=${OUT:-outputs/gpu}; mkdir -p "$OUT"
 PART=${1:-A}
@@ -30,7 +30,7 @@ if [[ $PART == *4 ]]; then
 fi
 if [[ $PART == A4 ]]; then
   nvidia-smi -L
-  $B 240 python3 -m pytest -q -rs -s tests/unit/test_model_gpu.py tests/unit/test_loss_gpu.py 2>&1 \
+  $B 240 python3 -m pytest -q -rs -s tests/unit/neobert/test_model_gpu.py tests/unit/neobert/test_loss_gpu.py 2>&1 \
       | tee "$OUT/gpu_tests.log" | grep -E "rel err|passed|failed|Error" | tail -40
   T="python3 bench/train_step.py --compile --json-out $OUT/train_step.jsonl"
   $B 200 $T --variants packed,padded 2>&1 | grep '^{' | cut -c1-300   # auto = fa4, fp32 residual
@@ -38,9 +38,9 @@ if [[ $PART == A4 ]]; then
   $B 100 $T --variants packed --bf16-residual --backend torch_varlen 2>&1 | grep '^{' | cut -c1-300
   $B 100 $T --variants packed --bf16-residual --median-len 100000 --sigma 0.01 2>&1 | grep '^{' | cut -c1-300
 fi
-if [[ $PART == P4 ]]; then  # session 3: RoPE fused into the fa4 op; GPU tests, then fused vs unfused A/B
+if [[ $PART == P4 ]]; then  # RoPE fused into the fa4 op: GPU tests, then fused vs unfused A/B
   nvidia-smi -L
-  $B 300 python3 -m pytest -q -rs -s tests/unit/test_model_gpu.py tests/unit/test_loss_gpu.py 2>&1 \
+  $B 300 python3 -m pytest -q -rs -s tests/unit/neobert/test_model_gpu.py tests/unit/neobert/test_loss_gpu.py 2>&1 \
       | tee "$OUT/gpu_tests.log" | grep -E "rel err|rel diff|max rel|passed|failed|Error" | tail -40
   T="python3 bench/train_step.py --compile --variants packed --bf16-residual --json-out $OUT/train_step.jsonl"
   for flags in "" "--unfused-rope" ""; do
@@ -54,7 +54,7 @@ fi
 if [[ $PART == R4 ]]; then  # quack SwiGLU-epilogue FFN: kernel A/B alone, then the GPU tests
   $B 240 python3 bench/ffn_kernels.py --json-out "$OUT/ffn_kernels.jsonl" 2>&1 | grep -E '^\{|Error|error' | cut -c1-400
   $B 120 python3 bench/ffn_kernels.py --tokens 13107 --json-out "$OUT/ffn_kernels.jsonl" 2>&1 | grep -E '^\{|Error' | cut -c1-400
-  $B 300 python3 -m pytest -q -rs -s tests/unit/test_model_gpu.py 2>&1 \
+  $B 300 python3 -m pytest -q -rs -s tests/unit/neobert/test_model_gpu.py 2>&1 \
       | tee "$OUT/gpu_tests.log" | grep -E "quack|rel diff|passed|failed|Error" | tail -30
 fi
 if [[ $PART == S4 ]]; then  # whole step: quack FFN (auto) vs torch FFN, alternating in one call; then a profile
@@ -65,18 +65,18 @@ if [[ $PART == S4 ]]; then  # whole step: quack FFN (auto) vs torch FFN, alterna
   $B 200 python3 bench/train_step.py --compile --variants packed --bf16-residual --profile \
       --profile-out "$OUT/prof" --json-out "$OUT/train_step_prof.jsonl" 2>&1 | grep '^{' | cut -c1-200
 fi
-if [[ $PART == V4 ]]; then  # final check of session 3: GPU tests, then the default step vs its parts switched off
+if [[ $PART == V4 ]]; then  # GPU tests, then the default step vs each of its parts switched off
   nvidia-smi -L
-  $B 240 python3 -m pytest -q -rs -s tests/unit/test_model_gpu.py tests/unit/test_loss_gpu.py 2>&1 \
+  $B 240 python3 -m pytest -q -rs -s tests/unit/neobert/test_model_gpu.py tests/unit/neobert/test_loss_gpu.py 2>&1 \
       | tee "$OUT/gpu_tests.log" | grep -E "passed|failed|Error" | tail -8
   T="python3 bench/train_step.py --compile --variants packed --bf16-residual --json-out $OUT/train_step.jsonl"
   for flags in "--check-syncs" "--device-masked" "--ffn-backend torch" "" "--ffn-backend torch --unfused-rope --device-masked"; do
     $B 120 $T $flags 2>&1 | grep -E '^\{|Error' | python3 -c "$KEYS"
   done
 fi
-if [[ $PART == H4 ]]; then  # session 4: GPU tests of session 3's last code, then where the host time goes
+if [[ $PART == H4 ]]; then  # GPU tests, then where the host time goes (host profile)
   nvidia-smi -L
-  $B 240 python3 -m pytest -q -rs -s tests/unit/test_model_gpu.py tests/unit/test_loss_gpu.py 2>&1 \
+  $B 240 python3 -m pytest -q -rs -s tests/unit/neobert/test_model_gpu.py tests/unit/neobert/test_loss_gpu.py 2>&1 \
       | tee "$OUT/gpu_tests.log" | grep -E "passed|failed|Error" | tail -8
   $B 200 python3 bench/train_step.py --compile --variants packed --bf16-residual --host-profile "$OUT/host" \
       --json-out "$OUT/train_step_host.jsonl" 2>&1 | grep -E '^\{|Error' | tee "$OUT/host.json" | python3 -c "$KEYS"
@@ -93,8 +93,8 @@ if [[ $PART == I4 ]]; then  # quack without nvMatmulHeuristics: import retried p
     $B 110 $run 2>&1 | grep -E '^\{|Error' | python3 -c "$KEYS"
   done
 fi
-if [[ $PART == J4 ]]; then  # GPU tests; torch FFN on the sparse rows (new default) vs quack there; quack tuned
-  $B 200 python3 -m pytest -q -rs -s tests/unit/test_model_gpu.py tests/unit/test_loss_gpu.py 2>&1 \
+if [[ $PART == J4 ]]; then  # GPU tests; torch FFN on the sparse rows (the default) vs quack there; quack tuned
+  $B 200 python3 -m pytest -q -rs -s tests/unit/neobert/test_model_gpu.py tests/unit/neobert/test_loss_gpu.py 2>&1 \
       | tee "$OUT/gpu_tests.log" | grep -E "passed|failed|Error" | tail -8
   T="python3 bench/train_step.py --compile --variants packed --bf16-residual --json-out $OUT/train_step.jsonl"
   $B 100 $T 2>&1 | grep -E '^\{|Error' | python3 -c "$KEYS"
@@ -102,7 +102,7 @@ if [[ $PART == J4 ]]; then  # GPU tests; torch FFN on the sparse rows (new defau
   $B 250 $T --quack-tuned 2>&1 | grep -E '^\{|Error' | python3 -c "$KEYS"
   $B 100 $T 2>&1 | grep -E '^\{|Error' | python3 -c "$KEYS"
 fi
-if [[ $PART == K4 ]]; then  # session 4 final: autotuned quack FFN (bench), then the Ray pretrain job with it
+if [[ $PART == K4 ]]; then  # autotuned quack FFN (bench), then the Ray pretrain job with it
   # earlier calls stash .fa4a in /tmp/fa4stash and .device/{ray-cp312.tar.xz,packed1024} in /tmp/raystash
   T="python3 bench/train_step.py --compile --variants packed --bf16-residual --json-out $OUT/train_step.jsonl"
   $B 200 $T --quack-tuned 2>&1 | grep -E '^\{|Error' | python3 -c "$KEYS"
@@ -114,7 +114,7 @@ if [[ $PART == K4 ]]; then  # session 4 final: autotuned quack FFN (bench), then
 fi
 if [[ $PART == A ]]; then
   nvidia-smi -L
-  $B 200 python3 -m pytest -q -rs tests/unit/test_loss_gpu.py tests/unit/test_model_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -8
+  $B 200 python3 -m pytest -q -rs tests/unit/neobert/test_loss_gpu.py tests/unit/neobert/test_model_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -8
   $B 150 python3 bench/loss.py --out "$OUT/bench_loss.json" --chunk-sizes 1024,2048,4096,8192 2>&1 | tee "$OUT/bench_loss.log" | tail -16
   $B 150 python3 bench/train_step.py --variants packed --compile --json-out "$OUT/train_step.jsonl" 2>&1 | tail -2
   $B 150 python3 bench/train_step.py --variants packed --compile --median-len 100000 --sigma 0.01 \
@@ -136,7 +136,7 @@ if [[ $PART == B || $PART == C ]]; then
       | grep -vE "^\(|INFO|WARNING" | tail -8
   cp /tmp/cft/metrics.jsonl "$OUT/contrastive_metrics.jsonl" 2>/dev/null; cp /tmp/cft/eval.json "$OUT/" 2>/dev/null
 fi
-if [[ $PART == C ]]; then  # same-code baselines for the Ray run (loss backend auto = fused torch rows)
+if [[ $PART == C ]]; then  # same-code baselines for the Ray run
   $B 150 python3 bench/train_step.py --variants packed,padded --compile --json-out "$OUT/train_step.jsonl" 2>&1 | tail -2
   $B 150 python3 bench/train_step.py --variants packed --compile --median-len 100000 --sigma 0.01 \
       --json-out "$OUT/train_step.jsonl" 2>&1 | tail -1

@@ -9,9 +9,8 @@ Methods (all sum-reduced over masked tokens, hidden (T, D) in --dtype, decoder f
 bf16 autocast, decoder padded to a multiple of --pad-multiple rows and the padding excluded):
   full_logits     F.linear over all T tokens + F.cross_entropy(ignore_index=-100)
   masked_logits   gather masked rows (nonzero), F.linear + F.cross_entropy on them
-  chunked_c<N>    neobert.loss.MaskedLMLoss(chunk_size=N, backend="torch")
+  chunked_c<N>    neobert.loss.MaskedLMLoss(chunk_size=N)
   chunked_c<N>_bf16acc   the same with grad_W accumulated in bf16
-  liger_c<N>      MaskedLMLoss(backend="liger") when liger_kernel imports on CUDA
 
 Memory is ``torch.cuda.max_memory_allocated() - memory_allocated()`` around one forward+backward
 (inputs allocated, their .grad freed first, so the new gradients count as extra). Time is the median
@@ -35,7 +34,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from neobert.loss import IGNORE_INDEX, MaskedLMLoss, liger_available  # noqa: E402
+from neobert.loss import IGNORE_INDEX, MaskedLMLoss  # noqa: E402
 
 GIB = 1024**3
 TARGET_EXTRA_GIB = 0.5
@@ -215,17 +214,13 @@ def main(argv: list[str] | None = None) -> dict:
     methods.append(("masked_logits", masked_logits))
     chunk_sizes = [int(c) for c in args.chunk_sizes.split(",") if c]
     for c in chunk_sizes:
-        methods.append((f"chunked_c{c}", chunked(MaskedLMLoss(chunk_size=c, backend="torch"))))
+        methods.append((f"chunked_c{c}", chunked(MaskedLMLoss(chunk_size=c))))
     if dtype != torch.float32:
         c = 4096 if 4096 in chunk_sizes else chunk_sizes[0]
-        loss_fn = MaskedLMLoss(chunk_size=c, backend="torch", accum_dtype=dtype)
+        loss_fn = MaskedLMLoss(chunk_size=c, accum_dtype=dtype)
         methods.append((f"chunked_c{c}_bf16acc", chunked(loss_fn)))
     if device.type == "cuda":  # the unfused torch rows (what CUDA without Triton runs), for comparison
-        methods.append(
-            ("chunked_c2048_torchrows", unfused_rows(MaskedLMLoss(chunk_size=2048, backend="torch")))
-        )
-    if device.type == "cuda" and liger_available():
-        methods.append(("liger", chunked(MaskedLMLoss(backend="liger"))))
+        methods.append(("chunked_c2048_torchrows", unfused_rows(MaskedLMLoss(chunk_size=2048))))
 
     # masked_logits is the reference for the error columns: run it first.
     order = sorted(methods, key=lambda m: m[0] != "masked_logits")
@@ -251,7 +246,6 @@ def main(argv: list[str] | None = None) -> dict:
         "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
-        "liger": liger_available(),
         "config": {
             "tokens": T,
             "num_masked": int(mask.sum()),

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 3's GPU work in one call: probe, gpu tests, benchmark variants, kernel survey, memory sweep.
+# One device call: probe, gpu tests, benchmark variants, kernel survey, memory sweep.
 #   bash bench/run_device.sh "tests main attn exp sweep"   (logs + *.jsonl under $OUT, default ./outputs)
 set -u
 OUT=${OUT:-outputs}; mkdir -p "$OUT"
@@ -12,8 +12,8 @@ T="$PY bench/train_step.py --json-out $R"
 has() { [[ " $PARTS " == *" $1 "* ]]; }
 nvidia-smi -L; $PY -c "import torch, inspect; from torch.nn.attention.varlen import varlen_attn as f; print(torch.__version__, inspect.signature(f))"
 if has tests; then
-  $B 150 $PY -m pytest -q -s tests/unit/test_model_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | grep -E "rel err|passed|failed|Error" | tail -20
-  $B 120 $PY -m pytest -q tests/unit/test_loss_gpu.py 2>&1 | tee "$OUT/loss_gpu_tests.log" | tail -3
+  $B 150 $PY -m pytest -q -s tests/unit/neobert/test_model_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | grep -E "rel err|passed|failed|Error" | tail -20
+  $B 120 $PY -m pytest -q tests/unit/neobert/test_loss_gpu.py 2>&1 | tee "$OUT/loss_gpu_tests.log" | tail -3
 fi
 if has attn; then
   $B 90 $PY bench/attn_kernels.py --backends torch_varlen --json-out "$OUT/attn.jsonl" 2>&1 | tail -4
@@ -31,7 +31,7 @@ fi
 if has exp; then
   $B 70 $T --variants packed --compile --bf16-residual 2>&1 | tail -1
 fi
-if has loss; then  # issue 4's loss benchmark (another component), run here because this call has the GPU
+if has loss; then  # the masked-LM loss benchmark
   $B 150 $PY bench/loss.py --out "$OUT/bench_loss.json" 2>&1 | tee "$OUT/bench_loss.log" | tail -14
 fi
 if has sweep; then

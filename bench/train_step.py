@@ -1,6 +1,8 @@
 """Full NeoBERT training step on one GPU: packed (varlen) vs padded, tokens/s, MFU, recompiles, peak memory.
 
-One step = forward, chunked masked-LM loss, backward, fused AdamW, in bf16 autocast with fp32 weights.
+One step is the shipped `neobert.training.train_step` (what jobs/pretrain.py runs on every worker): forward,
+chunked masked-LM loss scaled by the step's masked count, backward, gradient clipping (`--max-grad-norm`, the
+pretraining default 1.0), fused AdamW from `neobert.training.build_optimizer`, in bf16 autocast with fp32 weights.
 Documents have long-tailed lengths (lognormal, median `--median-len`, capped at `--max-seq-len`); each step's
 documents are packed greedily into a static budget of `--tokens-per-step` tokens (the tail is one trailing
 padding segment with labels -100, as the training collate does). The padded baseline trains the same model
@@ -12,16 +14,19 @@ the longest one in the micro-batch (dynamic padding), with gradient accumulation
     python bench/train_step.py --memory-sweep --compile                    # peak memory table
     python bench/train_step.py --preset tiny --steps 3 --warmup 1 --device cpu   # plumbing check on a CPU
 
-MFU counts model FLOPs of the non-padding tokens only: 6 * tokens * (encoder linear params) + 6 * masked *
-(decoder params) + 12 * layers * hidden * sum(doc_len^2) (attention matmuls, fwd + bwd), over 989 TFLOP/s
-(H100 SXM dense bf16). Flags: see `--help`. Prints one JSON line per result (and appends it to `--json-out`).
-The packed variant uses NeoBERTForMLM's default sparse last layer (~2% less work); the padded path is always
-dense, so pass `--dense-last-layer` for a like-for-like packed/padded ratio.
+MFU is `neobert.training.model_flops` (non-padding tokens only: 6 * tokens * (encoder linear params) + 6 *
+masked * (decoder params) + 12 * layers * hidden * sum(doc_len^2), the attention matmuls) over
+`neobert.training.peak_flops` of the device (989 TFLOP/s dense bf16 for an H100; none on a CPU). Flags: see `--help`. Prints one JSON line per result (and appends it to `--json-out`).
+The padded variant goes through the same `train_step` (its micro-batches are (B, S) tensors with the attention
+mask in place of the packing metadata; `PaddedMLM` routes them to `forward_padded`). The packed variant uses
+NeoBERTForMLM's default sparse last layer (~2% less work); the padded path is always dense, so pass
+`--dense-last-layer` for a like-for-like packed/padded ratio.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import math
@@ -36,11 +41,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: neobert/ and bench/
 
-from neobert.ffn import nvmmh_state  # noqa: E402
-from neobert.model import NeoBERTConfig, NeoBERTForMLM  # noqa: E402
+from neobert.config import NeoBERTConfig  # noqa: E402
+from neobert.kernels import resolve  # noqa: E402
+from neobert.kernels.ffn import nvmmh_state  # noqa: E402
+from neobert.model import NeoBERTForMLM  # noqa: E402
 from neobert.packing import PackedMeta  # noqa: E402
+from neobert.training import MicroBatch, build_optimizer, model_flops, peak_flops, train_step  # noqa: E402
 
-PEAK_FLOPS = 989e12  # H100 SXM dense bf16
 MASK_ID, PAD_ID = 103, 0
 
 
@@ -111,43 +118,63 @@ def position_ids_for(cu: torch.Tensor, total: int) -> torch.Tensor:
     return tok - cu[doc]
 
 
-def model_flops(cfg: NeoBERTConfig, step: Step) -> float:
-    D, F, L = cfg.hidden_size, cfg.ffn_hidden_size, cfg.num_layers
-    enc_params = L * (3 * D * D + D * D + 2 * F * D + F * D)
-    dec_params = D * cfg.padded_vocab_size
-    return (
-        6.0 * step.num_tokens * enc_params + 6.0 * step.num_masked * dec_params + 12.0 * L * D * step.attn_sq
+def step_flops(cfg: NeoBERTConfig, step: Step) -> float:
+    return model_flops(
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        ffn_hidden_size=cfg.ffn_hidden_size,
+        vocab_size=cfg.padded_vocab_size,
+        num_tokens=step.num_tokens,
+        sum_sq_seqlens=step.attn_sq,
+        num_masked=step.num_masked,
     )
+
+
+class PaddedMLM(torch.nn.Module):
+    """`train_step` calls `model(input_ids, meta, labels)`; for padded (B, S) micro-batches `meta` is the
+    attention mask and the call goes to `forward_padded`."""
+
+    def __init__(self, mlm: NeoBERTForMLM) -> None:
+        super().__init__()
+        self.mlm = mlm
+
+    def forward(self, input_ids, attention_mask, labels):
+        return self.mlm.forward_padded(input_ids, attention_mask, labels)
 
 
 def build(cfg: NeoBERTConfig, args, device, *, dynamic: bool = False):
     torch.manual_seed(args.seed)
+    kernels = resolve(cfg)
+    if args.unfused_rope:  # RoPE as its own (inductor-fused) step, attention on q, k, v
+        kernels = dataclasses.replace(kernels, qkv_attn_fn=None)
+    if args.same_ffn_on_rows:  # the sparse last layer's rows through the packed FFN backend (quack) too
+        kernels = dataclasses.replace(kernels, rows_ffn_fn=kernels.ffn_fn)
     model = NeoBERTForMLM(
-        cfg, loss_chunk_size=args.loss_chunk_size, sparse_last_layer=not args.dense_last_layer
+        cfg,
+        loss_chunk_size=args.loss_chunk_size,
+        sparse_last_layer=not args.dense_last_layer,
+        kernels=kernels,
     ).to(device)
-    if args.unfused_rope:
-        for block in model.encoder.layers:
-            block.qkv_attn_fn = None  # RoPE as its own (inductor-fused) step, attention on q, k, v
-    if args.same_ffn_on_rows:
-        for block in model.encoder.layers:
-            block.rows_ffn_fn = block.ffn_fn  # the sparse last layer's rows through quack too (session 3)
     if args.compile:
         kw = {"mode": args.compile_mode} if args.compile_mode else {}
         model.encoder.compile_layers(dynamic=(args.dynamic or dynamic) or None, **kw)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, fused=device.type == "cuda")
+    opt = build_optimizer(model, lr=1e-4, weight_decay=0.01)  # fused AdamW on CUDA, as the trainer builds it
     return model, opt
 
 
-def packed_step(model, opt, step: Step, args, device, marks: list | None = None) -> torch.Tensor:
-    """One training step; `marks` (host-overhead probe) gets (phase, perf_counter, CUDA event) after each phase."""
+def autocast_for(device):
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
-    def mark(phase: str) -> None:
-        if marks is not None:
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-            marks.append((phase, time.perf_counter(), ev))
 
-    mark("start")
+def shipped_step(model, opt, micro: list[MicroBatch], args, device) -> torch.Tensor:
+    """`neobert.training.train_step` on one worker; returns the step's mean masked-LM loss (a device scalar)."""
+    stats = train_step(
+        model, opt, None, micro, max_grad_norm=args.max_grad_norm or None, autocast=autocast_for(device)
+    )
+    return stats.loss_sum / max(stats.num_masked_local, 1)
+
+
+def packed_micro_batch(model, step: Step, args, device) -> MicroBatch:
     meta = PackedMeta(
         step.cu_seqlens,
         max_seqlen_for(step, args.max_seqlen_mode, args.max_seq_len),
@@ -158,14 +185,31 @@ def packed_step(model, opt, step: Step, args, device, marks: list | None = None)
     masked = None
     if not args.device_masked:  # as the trainer does: masked rows gathered on the CPU, copied without a sync
         masked = model.masked_rows(step.labels_cpu).to(device, non_blocking=device.type == "cuda")
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        out = model(step.input_ids, meta, step.labels, masked=masked)
-    mark("forward")
-    loss = out.loss_sum / step.num_masked  # the trainer divides by the global masked count
-    loss.backward()
-    mark("backward")
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+    return MicroBatch(step.input_ids, step.labels, meta, step.num_masked, step.num_tokens, masked)
+
+
+def packed_step(model, opt, step: Step, args, device, marks: list | None = None) -> torch.Tensor:
+    """One training step; `marks` (host-overhead probe) gets (phase, perf_counter, CUDA event) after each phase:
+    forward (a forward hook), backward incl. gradient clipping (an optimizer pre-step hook), optimizer."""
+
+    def mark(phase: str) -> None:
+        if marks is not None:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            marks.append((phase, time.perf_counter(), ev))
+
+    hooks = []
+    if marks is not None:
+        hooks = [
+            model.register_forward_hook(lambda *_: mark("forward")),
+            opt.register_step_pre_hook(lambda *_: mark("backward")),
+        ]
+    mark("start")
+    try:
+        loss = shipped_step(model, opt, [packed_micro_batch(model, step, args, device)], args, device)
+    finally:
+        for h in hooks:
+            h.remove()
     mark("optimizer")
     return loss.detach()
 
@@ -175,12 +219,16 @@ def micro_batches(lengths: list[int], size: int) -> list[list[int]]:
     dimension of 1 is specialized by torch.compile (one more graph mid-run)."""
     groups = [lengths[i : i + size] for i in range(0, len(lengths), size)]
     if len(groups) > 1 and len(groups[-1]) == 1:
-        groups[-2] = groups[-2] + groups.pop()
+        last = (
+            groups.pop()
+        )  # (not `groups[-2] = groups[-2] + groups.pop()`: the target is indexed after the pop)
+        groups[-1] = groups[-1] + last
     return groups
 
 
-def padded_batches(step: Step, args, device) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """The step's documents as micro-batches (ids, mask, labels) of shape (B, S), S = longest in the batch.
+def padded_batches(step: Step, args, device) -> list[tuple]:
+    """The step's documents as micro-batches (ids, mask, labels) of shape (B, S), S = longest in the batch, each
+    with its masked and real token counts (counted on the host).
     Built once before timing: a pageable host->device copy inside the loop would stall the GPU queue."""
     if step.padded is None:
         ids, labels = step.input_ids.cpu().numpy(), step.labels.cpu().numpy()
@@ -195,25 +243,19 @@ def padded_batches(step: Step, args, device) -> list[tuple[torch.Tensor, torch.T
             idx = np.where(valid, starts[:, None] + np.arange(S)[None, :], 0)
             b_ids = np.where(valid, ids[idx], PAD_ID)
             b_lab = np.where(valid, labels[idx], -100)
-            out.append(
-                tuple(torch.as_tensor(a, device=device) for a in (b_ids, valid.astype(np.int64), b_lab))
-            )
+            tensors = tuple(torch.as_tensor(a, device=device) for a in (b_ids, valid.astype(np.int64), b_lab))
+            out.append((*tensors, int((b_lab != -100).sum()), int(lens.sum())))
             o += int(lens.sum())
         step.padded = out
     return step.padded
 
 
 def padded_step(model, opt, step: Step, args, device) -> torch.Tensor:
-    total = torch.zeros((), device=device)
-    for b_ids, mask, b_lab in padded_batches(step, args, device):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            out = model.forward_padded(b_ids, mask, b_lab)
-        loss = out.loss_sum / step.num_masked
-        loss.backward()
-        total += loss.detach()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return total
+    micro = [
+        MicroBatch(b_ids, b_lab, mask, n_masked, int(lens_sum))
+        for b_ids, mask, b_lab, n_masked, lens_sum in padded_batches(step, args, device)
+    ]
+    return shipped_step(PaddedMLM(model), opt, micro, args, device).detach()
 
 
 def sync(device):
@@ -237,7 +279,7 @@ def run_variant(variant: str, cfg: NeoBERTConfig, steps: list[Step], args, devic
             args.compile
         ):  # compile the small-batch graph too (inductor guards on B*S size), outside the timing
             b_ids = steps[0].input_ids[:32].view(2, 16)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with autocast_for(device)():
                 model.forward_padded(b_ids, torch.ones_like(b_ids), b_ids).loss_sum.backward()
             opt.zero_grad(set_to_none=True)
     if device.type == "cuda":
@@ -268,7 +310,8 @@ def run_variant(variant: str, cfg: NeoBERTConfig, steps: list[Step], args, devic
     sync(device)
     dt = time.perf_counter() - t0
     tokens = sum(s.num_tokens for s in timed)
-    flops = sum(model_flops(cfg, s) for s in timed)
+    flops = sum(step_flops(cfg, s) for s in timed)
+    peak = peak_flops(device)
     res = {
         "variant": variant,
         "backend": model.attn_backend if variant == "packed" else "sdpa-padded",
@@ -288,7 +331,8 @@ def run_variant(variant: str, cfg: NeoBERTConfig, steps: list[Step], args, devic
         "steps": len(timed),
         "step_ms": 1000 * dt / len(timed),
         "tokens_per_s": tokens / dt,
-        "mfu": flops / dt / PEAK_FLOPS,
+        "mfu": flops / dt / peak if peak else None,
+        "max_grad_norm": args.max_grad_norm,
         "tflops": flops / dt / 1e12,
         "padding_frac": (
             1 - tokens / (len(timed) * args.tokens_per_step)
@@ -441,7 +485,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--backend", default="auto", help="attention backend: auto | fa4 | flash_attn | torch_varlen | sdpa"
     )
-    p.add_argument("--ffn-backend", default="auto", help="SwiGLU FFN: auto | quack | torch (neobert/ffn.py)")
+    p.add_argument(
+        "--ffn-backend", default="auto", help="SwiGLU FFN: auto | quack | torch (neobert/kernels/ffn.py)"
+    )
     p.add_argument(
         "--quack-tuned",
         action="store_true",
@@ -450,13 +496,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--no-nvmmh-guard",
         action="store_true",
-        help="quack FFN without nvMatmulHeuristics: let every GEMM retry the failed import (the session-3 state)",
+        help="quack FFN without nvMatmulHeuristics: let every GEMM retry the failed import (no guard)",
     )
     p.add_argument(
         "--same-ffn-on-rows",
         action="store_true",
-        help="the sparse last layer's masked rows through the model's FFN backend too (quack; session 3) instead "
-        "of the torch FFN",
+        help="the sparse last layer's masked rows through the model's FFN backend too (quack) instead of the "
+        "torch FFN",
     )
     p.add_argument("--compile", action="store_true", help="torch.compile every encoder block")
     p.add_argument(
@@ -478,6 +524,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--mask-prob", type=float, default=0.2)
     p.add_argument("--padded-batch-size", type=int, default=32, help="documents per padded micro-batch")
     p.add_argument("--loss-chunk-size", type=int, default=4096)
+    p.add_argument(
+        "--max-grad-norm",
+        type=float,
+        default=1.0,
+        help="gradient clipping of train_step (the pretraining default; 0 = off, the norm is still computed)",
+    )
     p.add_argument("--steps", type=int, default=15)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
@@ -491,13 +543,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--device-masked",
         action="store_true",
-        help="gather the masked rows from the GPU labels inside the model (one host sync per step, the session-2 "
-        "path) instead of on the CPU labels before the copy (what the trainer does)",
+        help="gather the masked rows from the GPU labels inside the model (one host sync per step) instead of on "
+        "the CPU labels before the copy (what the trainer does)",
     )
     p.add_argument(
         "--unfused-rope",
         action="store_true",
-        help="fa4: RoPE as a separate step instead of inside the attention op (the session-2 path)",
+        help="fa4: RoPE as a separate step instead of inside the attention op",
     )
     p.add_argument(
         "--check-syncs", action="store_true", help="count host syncs in one step (cuda sync debug)"
@@ -521,9 +573,9 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
 
     device = torch.device(args.device)
-    import neobert.ffn
+    import neobert.kernels.ffn
 
-    neobert.ffn.GUARD_MISSING_NVMMH = not args.no_nvmmh_guard
+    neobert.kernels.ffn.GUARD_MISSING_NVMMH = not args.no_nvmmh_guard
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     cfg = NeoBERTConfig.preset(

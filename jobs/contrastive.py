@@ -23,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout / `--working-dir .`
 
+from neobert.checkpoint import resolve_model_dir  # noqa: E402
 from pipelines import cli, contracts  # noqa: E402
 from pipelines import contrastive_train as ct  # noqa: E402
 from pipelines.contrastive.validate import MARKER_NAME  # noqa: E402
@@ -40,7 +41,7 @@ def prepare(cfg: ct.ContrastiveConfig, ctx: cli.Context) -> list[str]:
     if cfg.data.input_dir:
         contracts.check_validated_dir(cfg.data.input_dir, MARKER_NAME)
     if cfg.model.init and not cfg.model.init.startswith(ct.RANDOM_INIT_PREFIX):
-        init = str(ct.resolve_init(cfg.model.init).resolve())  # workers may run elsewhere
+        init = str(resolve_model_dir(cfg.model.init).resolve())  # workers may run elsewhere
         more.append(f"--model.init={json.dumps(init)}")
     return more
 

@@ -2,10 +2,12 @@
 
   python jobs/export_hf.py CHECKPOINT OUTDIR [--tokenizer DIR] [--parity false] [--overwrite]
                            [--eval-results results.json] [--license cc-by-sa-3.0]
-  python jobs/export_hf.py --checkpoint outputs/pretrain/neobert-tiny/checkpoint_000002 --output outputs/hf
+  python jobs/export_hf.py --checkpoint outputs/pretrain/neobert-tiny --output outputs/hf
 
-The export is checked numerically against the training model before the job succeeds (neobert/export.py).
-With no CHECKPOINT, the newest checkpoint of `jobs/pretrain.py` under its default storage paths
+CHECKPOINT is a run dir of jobs/pretrain.py or jobs/contrastive.py (its newest complete checkpoint), a checkpoint
+dir, a model dir or an HF export dir. The export is checked numerically against the training model before the
+job succeeds (neobert/hf/export.py). With no CHECKPOINT, the newest checkpoint of `jobs/pretrain.py` under its
+default storage paths
 (`outputs/{pretrain,demo}/*/checkpoint_*/model`) is exported to `outputs/hf_export`; if there is none, a freshly
 initialised "tiny" model is exported to `outputs/hf_export_demo` (a smoke run of the whole path, parity check
 included; its weights are random and say nothing about quality). No Ray is started.
@@ -22,7 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout / `--working-dir .`
 
-from neobert.export import ExportConfig, ParityError, export_hf  # noqa: E402
+from neobert.checkpoint import MODEL_SUBDIR, latest_checkpoint  # noqa: E402
+from neobert.hf.export import ExportConfig, ParityError, export_hf  # noqa: E402
 from pipelines import cli  # noqa: E402
 
 log = logging.getLogger("export_hf")
@@ -32,9 +35,10 @@ PRETRAIN_STORAGES = (Path("outputs/pretrain"), Path("outputs/demo"))
 
 
 def newest_pretrain_checkpoint(storages: tuple[Path, ...] = PRETRAIN_STORAGES) -> Path | None:
-    found = [f for s in storages for f in s.glob("*/checkpoint_*/model/neobert_config.json")]
-    found.sort(key=lambda f: f.stat().st_mtime)
-    return found[-1].parent if found else None
+    """The model dir of the newest complete checkpoint under the storages (by checkpoint name, see
+    neobert.checkpoint.latest_checkpoint)."""
+    found = [c for c in (latest_checkpoint(s) for s in storages) if c is not None]
+    return max(found, key=lambda c: c.name) / MODEL_SUBDIR if found else None
 
 
 def write_demo_checkpoint(path: Path) -> None:

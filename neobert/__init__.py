@@ -9,7 +9,7 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "NeoBERTConfig": "neobert.model",
+    "NeoBERTConfig": "neobert.config",
     "NeoBERT": "neobert.model",
     "NeoBERTForMLM": "neobert.model",
     "PackedMeta": "neobert.packing",

@@ -5,24 +5,47 @@
     DIR/neobert_config.json   {"format": 1, "kind": "mlm"|"encoder", "pooling": str|null,
                                "model": {NeoBERTConfig fields}, "extra": {...}}
 
-A Ray Train checkpoint of a training job holds such a dir under `model/` next to its training state; every loader
-here accepts either the model dir itself or a checkpoint dir containing `model/`.
+A Ray Train checkpoint of a training job holds such a dir under `model/` next to its training state
+(`train_state.pt`); Ray names checkpoints `checkpoint_<YYYY-MM-DD_HH-MM-SS.micro>` inside the run dir.
+`resolve_model_dir` finds the model dir behind any of these paths:
+
+    run dir          its latest complete checkpoint (`latest_checkpoint`: newest by NAME, never by file time,
+                     which a copy or a sync of the run dir rewrites), then `model/` inside
+    checkpoint dir   `model/` inside
+    model dir        itself
+    HF export dir    itself (config.json + model.safetensors; read by `neobert.hf.export.load_hf_encoder`)
+
+A checkpoint counts as complete when `model/` holds both files, its safetensors file is as long as its own header
+says, and the training state is present: a dir cut off mid-write (a killed job, a partial copy) is skipped by
+`latest_checkpoint` and named with the fix by `resolve_model_dir` / `load_model_dir`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import struct
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from neobert.config import NeoBERTConfig
 from neobert.config_io import from_dict, to_dict
+from neobert.model import NeoBERT, NeoBERTForMLM
+
+log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "neobert_config.json"
+MODEL_SUBDIR = "model"  # a training checkpoint's model dir
+TRAIN_STATE_FILE = (
+    "train_state.pt"  # a training checkpoint's optimizer / scheduler / data position / RNG state
+)
+CHECKPOINT_PREFIX = "checkpoint_"  # Ray Train: checkpoint_<YYYY-MM-DD_HH-MM-SS.micro>
+HF_CONFIG_FILE = "config.json"
 FORMAT_VERSION = 1
 Kind = Literal["mlm", "encoder"]
 
@@ -56,7 +79,7 @@ def encoder_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.T
 
 @dataclasses.dataclass
 class ModelDir:
-    cfg: Any  # neobert.model.NeoBERTConfig
+    cfg: NeoBERTConfig
     state_dict: dict[str, torch.Tensor]
     kind: Kind
     pooling: str | None
@@ -64,15 +87,100 @@ class ModelDir:
     path: Path
 
 
+def safetensors_problem(f: Path) -> str | None:
+    """Why `f` is not a complete safetensors file (missing, truncated, bad header), or None when it is. Reads the
+    header only: the file must be exactly 8 + header length + the end of the last tensor's data."""
+    try:
+        size = f.stat().st_size
+        with f.open("rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            if n > size:
+                return f"header length {n} exceeds the file size {size} (truncated)"
+            header = json.loads(fh.read(n))
+    except FileNotFoundError:
+        return "missing"
+    except (OSError, struct.error, ValueError) as e:
+        return f"unreadable header ({type(e).__name__}: {e})"
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if size != 8 + n + end:
+        return f"{size} bytes, its header describes {8 + n + end} (truncated or corrupt)"
+    return None
+
+
+def model_dir_problem(d: Path) -> str | None:
+    """What makes `d` not a complete model dir, or None."""
+    missing = [name for name in (CONFIG_FILE, MODEL_FILE) if not (d / name).is_file()]
+    if missing:
+        return f"{d} lacks {' and '.join(missing)}"
+    bad = safetensors_problem(d / MODEL_FILE)
+    return f"{d / MODEL_FILE}: {bad}" if bad else None
+
+
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """What makes a training checkpoint dir incomplete (model dir or training state), or None."""
+    problem = model_dir_problem(ckpt / MODEL_SUBDIR)
+    if problem is None and not (ckpt / TRAIN_STATE_FILE).is_file():
+        problem = f"{ckpt} lacks {TRAIN_STATE_FILE}"
+    return problem
+
+
+def is_hf_export_dir(d: Path) -> bool:
+    """A Hugging Face model dir (config.json + model.safetensors), e.g. written by jobs/export_hf.py."""
+    return (d / HF_CONFIG_FILE).is_file() and (d / MODEL_FILE).is_file() and not (d / CONFIG_FILE).exists()
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The newest complete `checkpoint_*` dir under `run_dir` (any depth: a run dir, or a storage dir holding
+    several runs), or None. Ordered by the dir NAME (Ray's timestamp), never by file time. Incomplete dirs
+    (see `checkpoint_problem`) are skipped with a warning."""
+    root = Path(run_dir).expanduser()
+    if not root.is_dir():
+        return None
+    found = [p for p in root.rglob(f"{CHECKPOINT_PREFIX}*") if p.is_dir()]
+    for ckpt in sorted(found, key=lambda p: (p.name, str(p)), reverse=True):
+        problem = checkpoint_problem(ckpt)
+        if problem is None:
+            return ckpt
+        log.warning("skipping incomplete checkpoint %s: %s", ckpt, problem)
+    return None
+
+
 def resolve_model_dir(path: str | Path) -> Path:
-    """`path` itself if it holds a model dir, else `path/model` (a training checkpoint)."""
-    p = Path(path)
-    for candidate in (p, p / "model"):
-        if (candidate / CONFIG_FILE).exists() and (candidate / MODEL_FILE).exists():
-            return candidate
-    raise FileNotFoundError(
-        f"{p} is not a NeoBERT model dir: expected {CONFIG_FILE} and {MODEL_FILE} in it or in {p / 'model'}; "
-        "pass a dir written by neobert.checkpoint.save_model_dir or a checkpoint of jobs/pretrain.py"
+    """The model dir behind `path`: a run dir (its latest complete checkpoint's `model/`), a checkpoint dir
+    (`model/`), a model dir, or an HF export dir (returned as is). Raises ValueError naming what was found and
+    the fix."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ValueError(
+            f"{p} is not a NeoBERT model dir: it does not exist; pass a model dir, a checkpoint or run dir of "
+            "jobs/pretrain.py, or an HF export dir"
+        )
+    for cand in (p, p / MODEL_SUBDIR):
+        if (cand / CONFIG_FILE).exists():
+            problem = model_dir_problem(cand)
+            if problem:
+                raise ValueError(
+                    f"{problem}: the model dir is incomplete (a checkpoint cut off mid-write, or a partial copy); "
+                    "pass an earlier checkpoint, or the run dir to take its latest complete one"
+                )
+            return cand
+    if is_hf_export_dir(p):
+        return p
+    ckpt = latest_checkpoint(p)
+    if ckpt is not None:
+        log.info("%s: using its latest checkpoint %s", p, ckpt.name)
+        return ckpt / MODEL_SUBDIR
+    found = sorted(c.name for c in p.iterdir())[:8] if p.is_dir() else [p.name]
+    incomplete = [c for c in p.rglob(f"{CHECKPOINT_PREFIX}*") if c.is_dir()] if p.is_dir() else []
+    why = (
+        f"its {len(incomplete)} checkpoint dir(s) are all incomplete (e.g. {checkpoint_problem(incomplete[0])})"
+        if incomplete
+        else f"found {found}"
+    )
+    raise ValueError(
+        f"{p} is not a NeoBERT model dir ({CONFIG_FILE} + {MODEL_FILE}), a checkpoint holding {MODEL_SUBDIR}/, a "
+        f"run dir with a complete {CHECKPOINT_PREFIX}* dir, or an HF export ({HF_CONFIG_FILE} + {MODEL_FILE}): "
+        f"{why}; pass a dir written by neobert.checkpoint.save_model_dir, jobs/pretrain.py or jobs/export_hf.py"
     )
 
 
@@ -115,10 +223,18 @@ def save_model_dir(
 
 
 def load_model_dir(path: str | Path) -> ModelDir:
-    from neobert.model import NeoBERTConfig
-
+    """The model dir behind `path` (see `resolve_model_dir`), read. ValueError for an HF export dir (use
+    `neobert.hf.export.load_hf_encoder`) or unreadable files."""
     d = resolve_model_dir(path)
-    meta = json.loads((d / CONFIG_FILE).read_text())
+    if not (d / CONFIG_FILE).exists():
+        raise ValueError(
+            f"{d} is a Hugging Face export dir, not a training model dir; load its encoder with "
+            "neobert.hf.export.load_hf_encoder, or pass the model dir / checkpoint it was exported from"
+        )
+    try:
+        meta = json.loads((d / CONFIG_FILE).read_text())
+    except ValueError as e:
+        raise ValueError(f"{d / CONFIG_FILE} is not valid JSON ({e}); the model dir is corrupt") from None
     if meta.get("format") != FORMAT_VERSION:
         raise ValueError(
             f"{d / CONFIG_FILE}: format {meta.get('format')!r}, this code reads {FORMAT_VERSION}"
@@ -127,9 +243,16 @@ def load_model_dir(path: str | Path) -> ModelDir:
     # dir next (contrastive fine-tuning, evaluation, export) feeds varying token counts, for which quack would
     # autotune again at every new count. config.json keeps the run's value; the loaded config has it off.
     cfg = dataclasses.replace(from_dict(NeoBERTConfig, meta["model"]), ffn_autotune=False)
+    try:
+        state_dict = load_file(str(d / MODEL_FILE))
+    except Exception as e:  # safetensors' SafetensorError (not an OSError), or an OSError of the read
+        raise ValueError(
+            f"{d / MODEL_FILE} cannot be read ({type(e).__name__}: {e}); the model dir is incomplete or corrupt: "
+            "pass an earlier checkpoint, or re-run the job that wrote it"
+        ) from None
     return ModelDir(
         cfg=cfg,
-        state_dict=load_file(str(d / MODEL_FILE)),
+        state_dict=state_dict,
         kind=meta["kind"],
         pooling=meta.get("pooling"),
         extra=meta.get("extra", {}),
@@ -139,8 +262,6 @@ def load_model_dir(path: str | Path) -> ModelDir:
 
 def load_mlm(path: str | Path, **model_kwargs: Any) -> torch.nn.Module:
     """A `NeoBERTForMLM` with the weights of a "mlm" model dir."""
-    from neobert.model import NeoBERTForMLM
-
     md = load_model_dir(path)
     if md.kind != "mlm":
         raise ValueError(
@@ -153,8 +274,6 @@ def load_mlm(path: str | Path, **model_kwargs: Any) -> torch.nn.Module:
 
 def load_encoder(path: str | Path) -> torch.nn.Module:
     """A `NeoBERT` encoder from either kind of model dir."""
-    from neobert.model import NeoBERT
-
     md = load_model_dir(path)
     model = NeoBERT(md.cfg)
     model.load_state_dict(encoder_state_dict(md.state_dict), strict=True)

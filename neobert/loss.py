@@ -4,7 +4,7 @@ Shape legend: T = packed tokens, M = masked tokens (labels != -100), C = rows in
 D = hidden size, V = decoder rows (``V_pad``, possibly padded to a multiple of 128),
 Vv = ``valid_vocab_size`` (real vocabulary; columns >= Vv are padding).
 
-Algorithm (backend ``"torch"``), per call:
+Algorithm, per call:
 
 1. **Gather.** ``mask = labels != -100``; one device->host sync reads ``[M, min label, max label]``
    together (the masked count is data-dependent: the chunk loop needs it on the host, and the label
@@ -36,10 +36,6 @@ count across micro-batches and workers stays exact. ``num_correct`` counts argma
 valid vocabulary. Zero masked tokens gives ``loss_sum == 0`` still attached to the graph, and zero
 (not NaN) gradients.
 
-Backend ``"liger"`` calls ``liger_kernel``'s ``LigerFusedLinearCrossEntropyLoss`` (Triton, the
-same chunk-and-grad-in-forward idea, fused) on the gathered rows; the padded decoder rows are
-sliced off instead of masked. The backend is resolved once at construction and logged once.
-
 torch.compile: the masked count M is data-dependent (it sets the number of chunks), so the loss
 call is wrapped in ``torch.compiler.disable``: compiling the encoder around it gives one clean
 graph break at the loss instead of recompiles for every new M.
@@ -48,21 +44,17 @@ graph break at the loss instead of recompiles for every new M.
 from __future__ import annotations
 
 import functools
-import inspect
 import logging
 from typing import Any, NamedTuple
 
 import torch
 
-from neobert.ce_triton import ce_rows_, triton_available
+from neobert.kernels.ce_triton import ce_rows_, triton_available
 
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-BACKENDS = ("auto", "torch", "liger")
-LIGER_INSTALL_HINT = "pip install liger-kernel"
-_LIGER_DEVICE_TYPES = ("cuda",)  # where liger's Triton kernels run (a hook for CPU tests of the adapter)
-# On CUDA with Triton, step 2b-2c runs as one fused row kernel (neobert/ce_triton.py); tests flip this hook
+# On CUDA with Triton, step 2b-2c runs as one fused row kernel (neobert/kernels/ce_triton.py); tests flip this hook
 # to compare it with the torch version on the same GPU.
 _USE_TRITON = True
 # Upper bound on the fp32 (rows, V) block in step 2c: 2**24 elements = 64 MiB.
@@ -99,19 +91,6 @@ class MLMLossOutput(NamedTuple):
     loss_sum: torch.Tensor  # fp32, differentiable: sum of token losses over masked positions
     num_masked: torch.Tensor  # int64: number of labels != -100
     num_correct: torch.Tensor  # int64: masked positions whose argmax (over the valid vocab) == label
-
-
-def liger_available() -> bool:
-    """True when ``liger_kernel`` imports and CUDA is available (the only place it runs)."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        from liger_kernel.transformers.fused_linear_cross_entropy import (  # noqa: F401
-            LigerFusedLinearCrossEntropyLoss,
-        )
-    except Exception:  # ImportError, or triton failing to import
-        return False
-    return True
 
 
 def _compute_dtype(device_type: str, hidden: torch.Tensor) -> torch.dtype:
@@ -183,7 +162,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                     logits_CV = torch.addmm(b_V, h_CD, w_VD.t())
                 else:
                     logits_CV = h_CD @ w_VD.t()
-                if use_triton:  # fused rows: 2 reads + 1 write of the chunk (neobert/ce_triton.py)
+                if use_triton:  # fused rows: 2 reads + 1 write of the chunk (neobert/kernels/ce_triton.py)
                     ce_rows_(
                         logits_CV, target_M[s:e], loss_M[s:e], correct_M[s:e], valid_vocab_size, need_any
                     )
@@ -245,61 +224,22 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 class MaskedLMLoss:
     """Sum-reduced masked-LM cross-entropy over the decoder, without (T, V) logits.
 
-    ``backend``: ``"auto"`` (= ``"torch"``: on an H100 its fused Triton rows ran 5.1 ms vs liger 17.3 ms at
-    T=65536, see docs/benchmarks.md), ``"torch"``
-    or ``"liger"`` (ValueError when unavailable). Resolved once here and logged once; the resolved
-    name is ``self.backend``. ``accum_dtype`` is the dtype of the grad_W / grad_b accumulators of
-    the torch backend (fp32 default; bf16 saves the fp32 (V, D) buffer at some precision cost).
-    See the module docstring for the algorithm.
+    ``accum_dtype`` is the dtype of the grad_W / grad_b accumulators (fp32 default; bf16 saves the fp32 (V, D)
+    buffer at some precision cost). On CUDA with Triton the row math runs as one fused kernel
+    (neobert/kernels/ce_triton.py), else as torch ops; both are the same algorithm (module docstring). Liger's
+    fused linear cross-entropy was measured 3.4x slower on an H100 (docs/benchmarks.md), so it is not offered.
     """
 
-    def __init__(
-        self,
-        chunk_size: int = 2048,
-        backend: str = "auto",
-        *,
-        accum_dtype: torch.dtype = torch.float32,
-    ) -> None:
+    def __init__(self, chunk_size: int = 2048, *, accum_dtype: torch.dtype = torch.float32) -> None:
         if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
             raise ValueError(f"MaskedLMLoss: chunk_size must be a positive int, got {chunk_size!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"MaskedLMLoss: backend must be one of {BACKENDS}, got {backend!r}")
         if accum_dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
             raise ValueError(f"MaskedLMLoss: accum_dtype must be a floating dtype, got {accum_dtype!r}")
         self.chunk_size = chunk_size
         self.accum_dtype = accum_dtype
-        self._liger: Any = None
-        self._liger_accuracy = False
-        self._warned_frozen_input = False
-        if backend == "liger" and not liger_available():
-            why = "CUDA is not available" if not torch.cuda.is_available() else "liger_kernel does not import"
-            raise ValueError(
-                f"MaskedLMLoss: backend='liger' was forced but {why}. Install it on a CUDA machine with "
-                f"`{LIGER_INSTALL_HINT}`, or use backend='torch' (always available) or 'auto'."
-            )
-        # "auto" = torch: measured faster than liger on the H100 (docs/benchmarks.md); liger only when forced.
-        self.backend = "liger" if backend == "liger" else "torch"
-        if self.backend == "liger":
-            self._build_liger()
         log.info(
-            "[loss] masked-LM backend=%s (requested %s), chunk_size=%d%s",
-            self.backend,
-            backend,
-            chunk_size,
-            f", accum_dtype={accum_dtype}" if self.backend == "torch" else "",
+            "[loss] masked-LM chunked cross-entropy, chunk_size=%d, accum_dtype=%s", chunk_size, accum_dtype
         )
-
-    def _build_liger(self) -> None:
-        from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
-
-        params = inspect.signature(LigerFusedLinearCrossEntropyLoss.__init__).parameters
-        kwargs: dict[str, Any] = {"ignore_index": IGNORE_INDEX, "reduction": "sum"}
-        if "return_token_accuracy" in params:  # liger >= 0.6.3; older: argmax pass of our own
-            kwargs["return_token_accuracy"] = True
-            self._liger_accuracy = True
-        if "accum_dtype" in params:
-            kwargs["accum_dtype"] = self.accum_dtype
-        self._liger = LigerFusedLinearCrossEntropyLoss(**kwargs)
 
     def __call__(
         self,
@@ -368,63 +308,13 @@ class MaskedLMLoss:
             hidden_MD = hidden_TD.index_select(0, masked.idx)
         else:
             hidden_MD = hidden_TD
-        M, target_M, num_masked = masked.count, masked.target, masked.num_masked
+        target_M, num_masked = masked.target, masked.num_masked
         cdtype = _compute_dtype(device.type, hidden_MD)
 
-        use_liger = self.backend == "liger" and M > 0
-        # liger computes grad_W only when its input requires grad: a frozen encoder with a trainable
-        # decoder would get weight.grad = None. The torch path handles that case exactly.
-        frozen_input = torch.is_grad_enabled() and not hidden_MD.requires_grad
-        if use_liger and frozen_input and any(t is not None and t.requires_grad for t in (weight_VD, bias_V)):
-            if not self._warned_frozen_input:
-                log.warning("[loss] hidden does not require grad: torch path used (liger would drop grad_W)")
-                self._warned_frozen_input = True
-            use_liger = False
-        if use_liger:
-            if device.type not in _LIGER_DEVICE_TYPES:
-                raise ValueError(
-                    f"MaskedLMLoss(backend='liger') got tensors on {device}; liger runs on CUDA only. "
-                    "Use backend='torch' for CPU tensors."
-                )
-            loss_sum, num_correct = self._liger_loss(hidden_MD, weight_VD, bias_V, target_M, vv, cdtype)
-        else:
-            loss_sum, num_correct = _ChunkedLinearCrossEntropy.apply(
-                hidden_MD, weight_VD, bias_V, target_M, self.chunk_size, vv, cdtype, self.accum_dtype
-            )
+        loss_sum, num_correct = _ChunkedLinearCrossEntropy.apply(
+            hidden_MD, weight_VD, bias_V, target_M, self.chunk_size, vv, cdtype, self.accum_dtype
+        )
         return MLMLossOutput(loss_sum, num_masked, num_correct)
-
-    def _liger_loss(self, hidden_MD, weight_VD, bias_V, target_M, vv, cdtype):
-        # Liger has no column mask: slice the padded decoder rows off (a contiguous view; autograd
-        # gives the padding rows zero gradient). Casts are explicit so its kernel sees one dtype.
-        with torch.autocast(hidden_MD.device.type, enabled=False):
-            w = weight_VD[:vv].to(cdtype)
-            b = bias_V[:vv].to(cdtype) if bias_V is not None else None
-            out = self._liger(w, hidden_MD.to(cdtype), target_M, b)
-        if self._liger_accuracy:
-            loss = out.loss if hasattr(out, "loss") else out[0]
-            acc = out.token_accuracy if hasattr(out, "token_accuracy") else out[2]
-            # liger returns the mean accuracy over non-ignored rows (all M rows here).
-            num_correct = torch.round(acc.detach().double() * target_M.shape[0]).to(torch.int64)
-        else:
-            loss = out
-            num_correct = _count_correct(hidden_MD.detach(), weight_VD.detach(), bias_V, target_M, vv, cdtype)
-        return loss.float(), num_correct
-
-
-@torch.no_grad()
-def _count_correct(
-    hidden_MD, weight_VD, bias_V, target_M, vv, cdtype, chunk_size: int = 4096
-) -> torch.Tensor:
-    """Argmax hits in chunks (only for liger builds that cannot return token accuracy)."""
-    w = weight_VD[:vv].to(cdtype)
-    b = bias_V[:vv].to(cdtype) if bias_V is not None else None
-    correct = torch.zeros((), device=hidden_MD.device, dtype=torch.int64)
-    for s in range(0, hidden_MD.shape[0], chunk_size):
-        logits = hidden_MD[s : s + chunk_size].to(cdtype) @ w.t()
-        if b is not None:
-            logits += b
-        correct += (logits.argmax(-1) == target_M[s : s + chunk_size]).sum()
-    return correct
 
 
 def _check_label_dtype(labels: torch.Tensor) -> None:
@@ -464,22 +354,3 @@ def _check_inputs(hidden, weight, bias, labels, valid_vocab_size) -> int:
             f"got {valid_vocab_size!r}; pass the real vocabulary size (e.g. 30522), or None"
         )
     return vv
-
-
-_DEFAULT_LOSSES: dict[tuple[int, str], MaskedLMLoss] = {}
-
-
-def masked_lm_loss(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    labels: torch.Tensor,
-    chunk_size: int = 2048,
-    backend: str = "auto",
-    valid_vocab_size: int | None = None,
-) -> MLMLossOutput:
-    """Functional form of :class:`MaskedLMLoss` (one cached instance per (chunk_size, backend))."""
-    key = (chunk_size, backend)
-    if key not in _DEFAULT_LOSSES:
-        _DEFAULT_LOSSES[key] = MaskedLMLoss(chunk_size=chunk_size, backend=backend)
-    return _DEFAULT_LOSSES[key](hidden, weight, bias, labels, valid_vocab_size=valid_vocab_size)

@@ -12,6 +12,9 @@ What differs from BERT (Devlin et al. 2019):
   * Trained on packed variable-length batches (no padding, per-document attention via varlen kernels) with
     20% masking (the masking itself lives in the data pipeline; the loss in `neobert.loss`).
 
+The configuration (`NeoBERTConfig`, presets) is in `neobert.config`; the compute kernels each block runs
+(attention backend, fused RoPE, SwiGLU implementation) are chosen once by `neobert.kernels.resolve`.
+
 Shape legend: T = packed tokens, B = batch, S = padded sequence length, D = hidden size, N = heads,
 H = head dim, F = SwiGLU hidden size, V = (padded) vocabulary.
 
@@ -24,105 +27,28 @@ State-dict layout (fixed; `neobert/hf` exports against it), L = layer index:
 
 from __future__ import annotations
 
-import logging
 import math
-from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
-from neobert.attention import BACKENDS, build_attention, fused_rope_attention, padded_attention
-from neobert.ffn import FFN_BACKENDS, build_ffn, swiglu_ffn_fn, swiglu_torch
+from neobert.config import PRESETS, NeoBERTConfig
+from neobert.kernels import Kernels, resolve
+from neobert.kernels.attention import padded_attention
+from neobert.kernels.rope import RotaryEmbedding, apply_rope
 from neobert.loss import MaskedLMLoss, MaskedRows
 from neobert.packing import PackedMeta, validate_packed_meta
 
-log = logging.getLogger(__name__)
-
-
-@dataclass
-class NeoBERTConfig:
-    vocab_size: int = 30522  # real vocabulary (tokenizer size); logits are sliced to it
-    hidden_size: int = 768  # D, model width
-    num_layers: int = 28  # encoder blocks
-    num_heads: int = 12  # N; head dim H = hidden_size / num_heads
-    intermediate_size: int = 3072  # nominal 4D MLP width; SwiGLU uses int(2/3 of it) rounded up to 8
-    rms_norm_eps: float = 1e-5  # RMSNorm epsilon
-    rope_theta: float = 10000.0  # RoPE base
-    max_position_embeddings: int = 4096  # longest document (max_seqlen) the model accepts
-    pad_vocab_to_multiple: int = 128  # pad embedding/decoder rows to a multiple of this (0 = off)
-    tie_word_embeddings: bool = False  # share decoder.weight with encoder.embeddings.weight
-    attn_backend: str = "auto"  # "auto" | "fa4" | "flash_attn" | "torch_varlen" | "sdpa" (attention.py)
-    pad_token_id: int = 0  # [PAD]; its embedding row starts at zero and never receives gradient
-    initializer_range: float = 0.02  # std of the normal init (output projections scaled by 1/sqrt(2L))
-    fp32_residual: bool = True  # residual stream in fp32 under autocast; False = autocast dtype (~5% faster)
-    ffn_backend: str = "auto"  # "auto" | "quack" | "torch": SwiGLU in GEMM epilogues or torch ops (ffn.py)
-    # quack: autotune its GEMM tiles for the packed path's token count (once per shape and machine, ~90 s for
-    # base, disk-cached; +3% tokens/s on an H100). Only with a static token budget per micro-batch (pretraining)
-    ffn_autotune: bool = False
-
-    def __post_init__(self) -> None:
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"NeoBERTConfig.{name} must be a positive int, got {v!r}")
-        if self.hidden_size % self.num_heads:
-            raise ValueError(
-                f"NeoBERTConfig.hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}; "
-                f"choose e.g. num_heads={max(1, self.hidden_size // 64)} (head dim 64)"
-            )
-        if self.head_dim % 2:
-            raise ValueError(f"RoPE needs an even head dim, got hidden_size/num_heads = {self.head_dim}")
-        if self.pad_vocab_to_multiple < 0:
-            raise ValueError(
-                f"pad_vocab_to_multiple must be >= 0 (0 = off), got {self.pad_vocab_to_multiple}"
-            )
-        if not (0 <= self.pad_token_id < self.vocab_size):
-            raise ValueError(
-                f"pad_token_id={self.pad_token_id} must lie in [0, vocab_size={self.vocab_size})"
-            )
-        if self.attn_backend != "auto" and self.attn_backend not in BACKENDS:
-            raise ValueError(f"attn_backend={self.attn_backend!r}; choose 'auto' or one of {BACKENDS}")
-        if not isinstance(self.ffn_autotune, bool):
-            raise ValueError(f"NeoBERTConfig.ffn_autotune must be true or false, got {self.ffn_autotune!r}")
-        if self.ffn_backend != "auto" and self.ffn_backend not in FFN_BACKENDS:
-            raise ValueError(f"ffn_backend={self.ffn_backend!r}; choose 'auto' or one of {FFN_BACKENDS}")
-        if self.rms_norm_eps <= 0 or self.rope_theta <= 0 or self.initializer_range <= 0:
-            raise ValueError("rms_norm_eps, rope_theta and initializer_range must be > 0")
-        if self.max_position_embeddings < 1:
-            raise ValueError(f"max_position_embeddings must be >= 1, got {self.max_position_embeddings}")
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    @property
-    def ffn_hidden_size(self) -> int:
-        """SwiGLU width: int(2 * intermediate_size / 3) rounded up to a multiple of 8 (3072 -> 2048)."""
-        return (int(2 * self.intermediate_size / 3) + 7) // 8 * 8
-
-    @property
-    def padded_vocab_size(self) -> int:
-        m = self.pad_vocab_to_multiple
-        return self.vocab_size if m == 0 else (self.vocab_size + m - 1) // m * m
-
-    @classmethod
-    def preset(cls, name: str, **overrides) -> NeoBERTConfig:
-        """Named sizes: "tiny" (CPU tests, ~2M params), "small" (~40M), "base" (NeoBERT, ~250M)."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown NeoBERT preset {name!r}; choose one of {sorted(PRESETS)}")
-        return cls(**{**PRESETS[name], **overrides})
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-PRESETS: dict[str, dict] = {
-    "tiny": dict(
-        hidden_size=64, num_layers=2, num_heads=4, intermediate_size=192, max_position_embeddings=1024
-    ),
-    "small": dict(hidden_size=512, num_layers=8, num_heads=8, intermediate_size=2048),
-    "base": dict(hidden_size=768, num_layers=28, num_heads=12, intermediate_size=3072),
-}
+__all__ = [
+    "PRESETS",
+    "NeoBERT",
+    "NeoBERTBlock",
+    "NeoBERTConfig",
+    "NeoBERTForMLM",
+    "RMSNorm",
+    "RotaryEmbedding",
+    "apply_rope",
+]
 
 
 class RMSNorm(nn.Module):
@@ -139,58 +65,28 @@ class RMSNorm(nn.Module):
         return (xf * self.weight.float()).to(x.dtype)
 
 
-class RotaryEmbedding(nn.Module):
-    """cos/sin tables (.., H) for given positions; computed once per forward and shared by all layers."""
-
-    def __init__(self, head_dim: int, theta: float) -> None:
-        super().__init__()
-        inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)  # (H/2,)
-        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)  # not in the state dict
-
-    def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = position_ids.float()[..., None] * self.inv_freq  # (.., H/2)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (.., H)
-        return emb.cos(), emb.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Half-split rotation: x (.., N, H), cos/sin (.., H) broadcast over heads; fp32 math, input dtype out."""
-    xf = x.float()
-    x1, x2 = xf.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return (xf * cos.unsqueeze(-2) + rotated * sin.unsqueeze(-2)).to(x.dtype)
-
-
 class NeoBERTBlock(nn.Module):
     """Pre-norm block: x = x + attn(attn_norm(x)); x = x + ffn(ffn_norm(x)).
 
     Attributes are flat (qkv, out_proj, w_in, w_out) so the state-dict keys match the fixed export layout.
     """
 
-    def __init__(
-        self,
-        cfg: NeoBERTConfig,
-        attn_fn,
-        qkv_attn_fn=None,
-        ffn_fn=swiglu_torch,
-        *,
-        packed_ffn_fn=None,
-        rows_ffn_fn=None,
-    ) -> None:
-        """`attn_fn` (q, k, v, meta, scale) is the packed attention; `qkv_attn_fn` (qkv, cos, sin, meta, scale),
-        when the backend has one, replaces RoPE + `attn_fn` on the packed path (RoPE fused into the kernel op);
-        `ffn_fn` (x, w_in, w_out) is the SwiGLU feed-forward (neobert/ffn.py). Two variants default to it:
-        `packed_ffn_fn` on every token of a packed stream, `rows_ffn_fn` when `forward` gets `rows` (the sparse
-        last layer's masked rows)."""
+    def __init__(self, cfg: NeoBERTConfig, kernels: Kernels) -> None:
+        """`kernels` (neobert.kernels.resolve): `attn_fn` (q, k, v, meta, scale) is the packed attention;
+        `qkv_attn_fn` (qkv, cos, sin, meta, scale), when the backend has one, replaces RoPE + `attn_fn` on the
+        packed path (RoPE fused into the kernel op); the SwiGLU feed-forward (x, w_in, w_out) is `packed_ffn_fn`
+        on every token of a packed stream, `rows_ffn_fn` when `forward` gets `rows` (the sparse last layer's
+        masked rows) and `ffn_fn` on padded batches. They are copied onto the block as attributes, so one block
+        can be switched to another path (bench/train_step.py does)."""
         super().__init__()
         D, F_ = cfg.hidden_size, cfg.ffn_hidden_size
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
         self.scale = 1.0 / math.sqrt(cfg.head_dim)
-        self.attn_fn = attn_fn
-        self.qkv_attn_fn = qkv_attn_fn
-        self.ffn_fn = ffn_fn
-        self.packed_ffn_fn = ffn_fn if packed_ffn_fn is None else packed_ffn_fn
-        self.rows_ffn_fn = ffn_fn if rows_ffn_fn is None else rows_ffn_fn
+        self.attn_fn = kernels.attn_fn
+        self.qkv_attn_fn = kernels.qkv_attn_fn
+        self.ffn_fn = kernels.ffn_fn
+        self.packed_ffn_fn = kernels.packed_ffn_fn
+        self.rows_ffn_fn = kernels.rows_ffn_fn
         self.attn_norm = RMSNorm(D, cfg.rms_norm_eps)
         self.qkv = nn.Linear(D, 3 * D, bias=False)  # fused [Wq; Wk; Wv]: one GEMM instead of three
         self.out_proj = nn.Linear(D, D, bias=False)
@@ -249,32 +145,25 @@ class NeoBERTBlock(nn.Module):
 class NeoBERT(nn.Module):
     """The encoder. `forward(input_ids (T,), meta)` -> (T, D) packed; `forward_padded((B,S), (B,S))` -> (B,S,D)."""
 
-    def __init__(self, cfg: NeoBERTConfig) -> None:
+    def __init__(self, cfg: NeoBERTConfig, kernels: Kernels | None = None) -> None:
+        """`kernels`: the compute functions, `neobert.kernels.resolve(cfg)` (decided once, logged once) unless
+        given (tests and benchmarks pass a modified one to force a path)."""
         super().__init__()
         self.config = cfg
-        self.attn_backend, attn_fn = build_attention(cfg.attn_backend)  # decided once, logged once
+        self.kernels = resolve(cfg) if kernels is None else kernels
         self.embeddings = nn.Embedding(cfg.padded_vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
-        qkv_attn_fn = fused_rope_attention(self.attn_backend)  # fa4: RoPE inside the attention op
-        self.ffn_backend, ffn_fn = build_ffn(cfg.ffn_backend)  # decided once, logged once
-        # Packed tokens: with ffn_autotune, quack's GEMMs autotuned for the (static) token budget. The sparse last
-        # layer's masked rows (~20% of T, a new count every step): the torch FFN, because quack is slower there
-        # (13,107 rows on an H100: 2.00 vs 1.54 ms fwd+bwd) and an autotuned GEMM would tune again for each count.
-        packed_ffn_fn = swiglu_ffn_fn(self.ffn_backend, autotune=cfg.ffn_autotune)
-        if cfg.ffn_autotune and self.ffn_backend != "quack":
-            log.warning(
-                "ffn_autotune=True has no effect: the FFN backend here is %r (autotuning is quack's; it needs "
-                "quack-kernels and a GPU of compute capability >= 9.0)",
-                self.ffn_backend,
-            )
-        self.layers = nn.ModuleList(
-            NeoBERTBlock(
-                cfg, attn_fn, qkv_attn_fn, ffn_fn, packed_ffn_fn=packed_ffn_fn, rows_ffn_fn=swiglu_torch
-            )
-            for _ in range(cfg.num_layers)
-        )
+        self.layers = nn.ModuleList(NeoBERTBlock(cfg, self.kernels) for _ in range(cfg.num_layers))
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.reset_parameters()
+
+    @property
+    def attn_backend(self) -> str:
+        return self.kernels.attn_backend
+
+    @property
+    def ffn_backend(self) -> str:
+        return self.kernels.ffn_backend
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -370,23 +259,25 @@ class NeoBERTForMLM(nn.Module):
         self,
         cfg: NeoBERTConfig,
         loss_chunk_size: int = 2048,
-        loss_backend: str = "auto",
         sparse_last_layer: bool = True,
+        *,
+        kernels: Kernels | None = None,
     ) -> None:
         """`sparse_last_layer`: in the packed `forward`, run the last layer's out_proj/FFN (and the final norm)
         on the masked tokens only, the only rows the loss reads. Same loss and gradients (tested against the
-        dense path); ~2% faster for `base` at 20% masking. The padded path is always dense."""
+        dense path); ~2% faster for `base` at 20% masking. The padded path is always dense.
+        `kernels`: see `NeoBERT`."""
         super().__init__()
         self.sparse_last_layer = sparse_last_layer
         self.config = cfg
-        self.encoder = NeoBERT(cfg)
+        self.encoder = NeoBERT(cfg, kernels)
         self.decoder = nn.Linear(cfg.hidden_size, cfg.padded_vocab_size, bias=True)
         if cfg.tie_word_embeddings:
             self.decoder.weight = self.encoder.embeddings.weight
         else:
             nn.init.normal_(self.decoder.weight, std=cfg.initializer_range)
         nn.init.zeros_(self.decoder.bias)
-        self.loss_fn = MaskedLMLoss(chunk_size=loss_chunk_size, backend=loss_backend)
+        self.loss_fn = MaskedLMLoss(chunk_size=loss_chunk_size)
 
     @property
     def attn_backend(self) -> str:

@@ -2,8 +2,10 @@
 
 `configuration_neobert.py` and `modeling_neobert.py` are self-contained (torch + transformers only): the export
 copies them next to the weights so `AutoModel.from_pretrained(dir, trust_remote_code=True)` works without this
-package installed. `keymap.py` maps training state-dict keys to these modules' keys; `model_card.py` renders
-the export's README.md.
+package installed. `keymap.py` maps training state-dict keys to these modules' keys, `config_map.py` translates
+the configs (both directions), `export.py` writes and verifies an export (and reads one back),
+`convert_original.py` imports the published chandar-lab/NeoBERT checkpoint, `model_card.py` renders the
+export's README.md.
 
 The classes are imported lazily, so `neobert.hf.keymap` (used by training code) does not import transformers.
 """

@@ -353,7 +353,7 @@ def render_model_card(
     num_parameters: int | None = None,
     title: str = "",
 ) -> str:
-    """The card text. `config` is the exported config.json, `report` the `neobert.export.ExportReport`."""
+    """The card text. `config` is the exported config.json, `report` the `neobert.hf.export.ExportReport`."""
     kind = "st" if report.sentence_transformers else ("mlm" if report.kind == "mlm" else "encoder")
     card_lic = license or card_license(facts)
     tags = ["neobert", "bert", "encoder", "custom_code", "ray"]

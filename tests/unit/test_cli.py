@@ -152,7 +152,7 @@ def test_ray_wrappers_unwrap_to_the_user_error(capsys):
 
 
 def test_job_specific_exit_code_for_parity():
-    from neobert.export import ParityError
+    from neobert.hf.export import ParityError
 
     spec = job("export_hf").SPEC
     assert cli.report_error(spec, ParityError("logits differ by 3e-2 > 1e-4")) == 3

@@ -119,12 +119,15 @@ def test_eval_set_dedups_corpus():
 
 
 def test_resolve_init_errors_and_hf_roundtrip(tmp_path):
+    from neobert.checkpoint import resolve_model_dir, save_model_dir
+    from neobert.hf.export import export_hf
+
     with pytest.raises(ValueError, match="does not exist"):
-        ct.resolve_init(tmp_path / "nope")
-    with pytest.raises(ValueError, match="neither"):
-        ct.resolve_init(tmp_path)
-    from neobert.checkpoint import save_model_dir
-    from neobert.export import export_hf
+        resolve_model_dir(tmp_path / "nope")
+    with pytest.raises(ValueError, match="is not a NeoBERT model dir"):
+        resolve_model_dir(tmp_path)
+    with pytest.raises(ValueError, match="model.init: .*does not exist"):
+        ct.load_init_encoder(tmp_path / "nope")
     from neobert.model import NeoBERT, NeoBERTConfig
     from neobert.packing import PackedMeta
     from pipelines.tokenizer import default_tokenizer_dir
@@ -133,7 +136,7 @@ def test_resolve_init_errors_and_hf_roundtrip(tmp_path):
     torch.manual_seed(0)
     model = NeoBERT(cfg)
     save_model_dir(tmp_path / "ckpt" / "model", model, cfg, kind="encoder", pooling="mean")
-    assert ct.resolve_init(tmp_path / "ckpt") == tmp_path / "ckpt" / "model"
+    assert resolve_model_dir(tmp_path / "ckpt") == tmp_path / "ckpt" / "model"
     enc_md, cfg_md, pooling_md = ct.load_init_encoder(tmp_path / "ckpt")  # the model-dir path
     assert cfg_md == cfg and pooling_md == "mean"
     want = model.state_dict()

@@ -1,11 +1,17 @@
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
 
 from neobert.checkpoint import (
     CONFIG_FILE,
+    MODEL_FILE,
+    TRAIN_STATE_FILE,
     clean_state_dict,
+    encoder_state_dict,
+    latest_checkpoint,
     load_encoder,
     load_mlm,
     load_model_dir,
@@ -55,7 +61,7 @@ def test_encoder_dir_holds_only_encoder_and_refuses_mlm_load(tmp_path):
 
 
 def test_bad_dirs_have_actionable_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not a NeoBERT model dir"):
+    with pytest.raises(ValueError, match="not a NeoBERT model dir"):
         resolve_model_dir(tmp_path)
     save_model_dir(tmp_path / "m", _model(), NeoBERTConfig.preset("tiny"))
     meta = json.loads((tmp_path / "m" / CONFIG_FILE).read_text())
@@ -75,3 +81,61 @@ def test_loaded_model_dirs_do_not_autotune(tmp_path):
     assert load_model_dir(tmp_path / "m").cfg.ffn_autotune is False
     assert load_encoder(tmp_path / "m").config.ffn_autotune is False
     assert load_mlm(tmp_path / "m").config.ffn_autotune is False
+
+
+def _checkpoint(run: Path, name: str, model, *, train_state: bool = True) -> Path:
+    ckpt = run / f"checkpoint_{name}"
+    save_model_dir(ckpt / "model", model, NeoBERTConfig.preset("tiny"))
+    if train_state:
+        (ckpt / TRAIN_STATE_FILE).write_bytes(b"state")
+    return ckpt
+
+
+def test_latest_checkpoint_orders_by_name_not_mtime_and_skips_incomplete(tmp_path):
+    model = _model()
+    run = tmp_path / "run"
+    assert latest_checkpoint(run) is None and latest_checkpoint(tmp_path) is None
+    old = _checkpoint(run, "2026-01-01_00-00-00.000001", model)
+    new = _checkpoint(run, "2026-01-02_00-00-00.000001", model)
+    os.utime(old / "model" / MODEL_FILE, (2e9, 2e9))  # the older checkpoint touched last (a copy, a sync)
+    os.utime(old, (2e9, 2e9))
+    assert latest_checkpoint(run) == new
+    assert latest_checkpoint(tmp_path) == new  # a storage dir holding run dirs
+    assert resolve_model_dir(run) == new / "model"
+    # newer but incomplete: no train state / a truncated safetensors file -> skipped
+    _checkpoint(run, "2026-01-03_00-00-00.000001", model, train_state=False)
+    cut = _checkpoint(run, "2026-01-04_00-00-00.000001", model)
+    data = (cut / "model" / MODEL_FILE).read_bytes()
+    (cut / "model" / MODEL_FILE).write_bytes(data[: len(data) // 2])
+    assert latest_checkpoint(run) == new
+
+
+def test_truncated_model_dir_names_the_file_and_the_fix(tmp_path):
+    save_model_dir(tmp_path / "ckpt" / "model", _model(), NeoBERTConfig.preset("tiny"))
+    f = tmp_path / "ckpt" / "model" / MODEL_FILE
+    f.write_bytes(f.read_bytes()[:-100])
+    for path in (tmp_path / "ckpt", tmp_path / "ckpt" / "model"):
+        with pytest.raises(ValueError, match=rf"{MODEL_FILE}: .*truncated.*earlier checkpoint"):
+            load_model_dir(path)
+    f.write_bytes(b"\x01")  # not even a header
+    with pytest.raises(ValueError, match="unreadable header"):
+        load_encoder(tmp_path / "ckpt")
+
+
+def test_run_dir_with_only_incomplete_checkpoints_says_so(tmp_path):
+    _checkpoint(tmp_path / "run", "2026-01-01_00-00-00.000001", _model(), train_state=False)
+    with pytest.raises(ValueError, match=rf"all incomplete .*lacks {TRAIN_STATE_FILE}"):
+        resolve_model_dir(tmp_path / "run")
+
+
+def test_hf_export_dir_resolves_to_itself_and_is_refused_by_load_model_dir(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / MODEL_FILE).write_bytes(b"")
+    assert resolve_model_dir(tmp_path) == tmp_path
+    with pytest.raises(ValueError, match="load_hf_encoder"):
+        load_model_dir(tmp_path)
+
+
+def test_encoder_state_dict_strips_only_encoder_keys():
+    sd = {"encoder.layers.0.qkv.weight": 1, "decoder.weight": 2, "encoder.final_norm.weight": 3}
+    assert encoder_state_dict(sd) == {"layers.0.qkv.weight": 1, "final_norm.weight": 3}

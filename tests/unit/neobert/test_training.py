@@ -294,3 +294,47 @@ def test_train_step_passes_cpu_gathered_masked_rows_to_the_model():
     assert torch.equal(stats[0].loss_sum, stats[1].loss_sum)
     for p0, p1 in zip(models[0].parameters(), models[1].parameters(), strict=True):
         assert torch.equal(p0, p1)  # the same update
+
+
+def test_bench_train_step_runs_the_shipped_step_on_cpu(tmp_path, monkeypatch):
+    """bench/train_step.py measures `train_step` itself: a tiny CPU run of both variants. Same init, same documents
+    and the same exact token-mean objective, so packed and padded must report the same loss after their steps."""
+    import importlib.util
+    import json
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[3] / "bench" / "train_step.py"
+    spec = importlib.util.spec_from_file_location("bench_train_step", path)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, bench)  # dataclasses look their module up
+    spec.loader.exec_module(bench)
+    assert bench.train_step is __import__("neobert.training").training.train_step
+    out = tmp_path / "bench.jsonl"
+    bench.main(
+        ["--preset", "tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--tokens-per-step", "256"]
+        + ["--max-seq-len", "64", "--median-len", "24", "--padded-batch-size", "4", "--json-out", str(out)]
+    )
+    rows = {r.get("variant", "ratio"): r for r in map(json.loads, out.read_text().splitlines())}
+    packed, padded = rows["packed"], rows["padded"]
+    assert packed["steps"] == padded["steps"] == 2 and packed["mfu"] is None  # no peak FLOP/s on a CPU
+    assert packed["tokens_per_s"] > 0 and packed["max_grad_norm"] == 1.0
+    diff = abs(packed["final_loss"] - padded["final_loss"])
+    print(f"packed vs padded loss after 3 steps: {packed['final_loss']:.6f} vs {padded['final_loss']:.6f}")
+    assert diff <= 1e-4 * abs(padded["final_loss"]), diff
+
+
+def test_bench_padded_micro_batches_keep_every_document(monkeypatch):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[3] / "bench" / "train_step.py"
+    spec = importlib.util.spec_from_file_location("bench_train_step", path)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, bench)
+    spec.loader.exec_module(bench)
+    lengths = [51, 16, 16, 16, 64, 29, 19, 16, 20]
+    groups = bench.micro_batches(lengths, 4)
+    assert groups == [[51, 16, 16, 16], [64, 29, 19, 16, 20]]  # a last group of one joins the previous one
+    assert bench.micro_batches([5, 6], 4) == [[5, 6]] and bench.micro_batches([5], 4) == [[5]]

@@ -13,9 +13,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from neobert.loss import IGNORE_INDEX, MaskedLMLoss, MLMLossOutput, liger_available, masked_lm_loss
+from neobert.loss import IGNORE_INDEX, MaskedLMLoss, MLMLossOutput
 
 RTOL = 1e-5
+
+
+def _loss(hidden, weight, bias, labels, chunk_size=2048, valid_vocab_size=None) -> MLMLossOutput:
+    return MaskedLMLoss(chunk_size=chunk_size)(
+        hidden, weight, bias, labels, valid_vocab_size=valid_vocab_size
+    )
 
 
 def _make(T=64, D=24, V=48, frac=0.3, seed=0, bias=True, vv=None, all_masked=False, none_masked=False):
@@ -58,9 +64,7 @@ def _assert_close(name, got, ref, rtol=RTOL):
 
 
 def _check_parity(hidden, weight, bias, labels, chunk_size, vv=None):
-    out = masked_lm_loss(
-        hidden, weight, bias, labels, chunk_size=chunk_size, backend="torch", valid_vocab_size=vv
-    )
+    out = _loss(hidden, weight, bias, labels, chunk_size=chunk_size, valid_vocab_size=vv)
     assert isinstance(out, MLMLossOutput)
     ref_loss, ref_n, ref_correct = _reference(hidden, weight, bias, labels, vv)
     assert int(out.num_masked) == ref_n
@@ -102,7 +106,7 @@ def test_all_masked():
 
 def test_no_masked_tokens_zero_loss_zero_grads():
     hidden, weight, b, labels = _make(none_masked=True)
-    out = masked_lm_loss(hidden, weight, b, labels, chunk_size=4, backend="torch")
+    out = _loss(hidden, weight, b, labels, chunk_size=4)
     assert out.loss_sum.requires_grad, "loss_sum must stay attached to the graph with zero masked tokens"
     assert float(out.loss_sum.detach()) == 0.0 and int(out.num_masked) == 0 and int(out.num_correct) == 0
     (out.loss_sum / out.num_masked.clamp(min=1)).backward()
@@ -113,7 +117,7 @@ def test_no_masked_tokens_zero_loss_zero_grads():
 
 def test_empty_batch():
     hidden, weight, b, _ = _make()
-    out = masked_lm_loss(hidden[:0], weight, b, torch.empty(0, dtype=torch.long), backend="torch")
+    out = _loss(hidden[:0], weight, b, torch.empty(0, dtype=torch.long))
     assert float(out.loss_sum.detach()) == 0.0 and int(out.num_masked) == 0
 
 
@@ -127,13 +131,13 @@ def test_valid_vocab_size_excludes_padded_columns():
         labels[hits] = F.linear(hidden, weight, b)[:, :vv].argmax(-1)[hits]
     _, (g_h, g_w, g_b) = _check_parity(hidden, weight, b, labels, chunk_size=6, vv=vv)
     assert not g_w[vv:].any() and not g_b[vv:].any(), "padded decoder rows must get exactly zero gradient"
-    out = masked_lm_loss(hidden, weight, b, labels, backend="torch", valid_vocab_size=vv)
+    out = _loss(hidden, weight, b, labels, valid_vocab_size=vv)
     assert int(out.num_correct) >= int(hits.sum()) > 0, "argmax must ignore the padded columns"
 
 
 def test_grad_output_scaling_and_retain_graph():
     hidden, weight, b, labels = _make(seed=3)
-    out = masked_lm_loss(hidden, weight, b, labels, chunk_size=4, backend="torch")
+    out = _loss(hidden, weight, b, labels, chunk_size=4)
     scaled = out.loss_sum / 7.0
     g1 = torch.autograd.grad(scaled, [hidden, weight, b], retain_graph=True)
     g2 = torch.autograd.grad(scaled, [hidden, weight, b])
@@ -149,19 +153,19 @@ def test_partial_requires_grad_and_no_grad():
     ref_loss, _, _ = _reference(hidden, weight, b, labels)
     weight.requires_grad_(False)  # frozen decoder: only hidden gets a gradient
     b.requires_grad_(False)
-    out = masked_lm_loss(hidden, weight, b, labels, chunk_size=3, backend="torch")
+    out = _loss(hidden, weight, b, labels, chunk_size=3)
     (g_h,) = torch.autograd.grad(out.loss_sum, [hidden])
     _assert_close("grad_hidden (frozen decoder)", g_h, torch.autograd.grad(ref_loss, [hidden])[0])
     hidden_frozen = hidden.detach()  # frozen encoder: only the decoder gets gradients
     weight.requires_grad_(True)
     b.requires_grad_(True)
-    out = masked_lm_loss(hidden_frozen, weight, b, labels, chunk_size=3, backend="torch")
+    out = _loss(hidden_frozen, weight, b, labels, chunk_size=3)
     got = torch.autograd.grad(out.loss_sum, [weight, b])
     ref_loss2, _, _ = _reference(hidden_frozen, weight, b, labels)
     for name, g, r in zip(["weight", "bias"], got, torch.autograd.grad(ref_loss2, [weight, b]), strict=True):
         _assert_close(f"grad_{name} (frozen encoder)", g, r)
     with torch.no_grad():  # eval: no gradient work at all
-        out = masked_lm_loss(hidden, weight, b, labels, chunk_size=3, backend="torch")
+        out = _loss(hidden, weight, b, labels, chunk_size=3)
     assert not out.loss_sum.requires_grad
     _assert_close("loss_sum (no_grad)", out.loss_sum, ref_loss.detach())
 
@@ -170,7 +174,7 @@ def test_bf16_autocast_cpu_smoke():
     hidden, weight, b, labels = _make(T=96, D=32, V=80, seed=5)
     ref_loss, ref_n, _ = _reference(hidden, weight, b, labels)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = MaskedLMLoss(chunk_size=8, backend="torch")(hidden, weight, b, labels, valid_vocab_size=None)
+        out = MaskedLMLoss(chunk_size=8)(hidden, weight, b, labels, valid_vocab_size=None)
     assert out.loss_sum.dtype == torch.float32 and int(out.num_masked) == ref_n
     loss, ref = float(out.loss_sum.detach()), float(ref_loss.detach())
     rel = abs(loss - ref) / ref
@@ -188,7 +192,7 @@ def test_bf16_autocast_cpu_smoke():
 
 def test_bf16_accum_dtype_option():
     hidden, weight, b, labels = _make(seed=6)
-    out = MaskedLMLoss(chunk_size=4, backend="torch", accum_dtype=torch.bfloat16)(hidden, weight, b, labels)
+    out = MaskedLMLoss(chunk_size=4, accum_dtype=torch.bfloat16)(hidden, weight, b, labels)
     (g_w,) = torch.autograd.grad(out.loss_sum, [weight])
     ref_loss, _, _ = _reference(hidden, weight, b, labels)
     _assert_close(
@@ -198,7 +202,7 @@ def test_bf16_accum_dtype_option():
 
 def test_under_torch_compile():
     hidden, weight, b, labels = _make(seed=7)
-    loss_fn = MaskedLMLoss(chunk_size=5, backend="torch")
+    loss_fn = MaskedLMLoss(chunk_size=5)
 
     def step(h):
         return loss_fn(torch.tanh(h) * 2.0, weight, b, labels).loss_sum
@@ -208,19 +212,12 @@ def test_under_torch_compile():
     _assert_close("loss_sum (compiled caller)", got.detach(), ref_loss.detach())
 
 
-@pytest.mark.skipif(liger_available(), reason="liger is available here, so forcing it does not fail")
-def test_forcing_liger_without_it_errors_clearly():
-    with pytest.raises(ValueError, match=r"pip install liger-kernel.*backend='torch'"):
-        MaskedLMLoss(backend="liger")
-
-
-def test_auto_backend_resolves_once_and_pickles():
+def test_loss_pickles():
     import pickle
 
-    loss_fn = MaskedLMLoss(chunk_size=8, backend="auto")
-    assert loss_fn.backend == "torch"  # auto = torch: faster than liger on the H100 (docs/benchmarks.md)
+    loss_fn = MaskedLMLoss(chunk_size=8, accum_dtype=torch.bfloat16)
     clone = pickle.loads(pickle.dumps(loss_fn))  # it rides inside the model across the Ray boundary
-    assert (clone.backend, clone.chunk_size) == (loss_fn.backend, 8)
+    assert (clone.chunk_size, clone.accum_dtype) == (8, torch.bfloat16)
 
 
 @pytest.mark.parametrize(
@@ -239,19 +236,19 @@ def test_bad_input_errors(kwargs, match):
     if "labels_shape" in kwargs:
         labels = labels[: kwargs["labels_shape"]]
     with pytest.raises(ValueError, match=match):
-        masked_lm_loss(hidden, weight, b, labels, backend="torch", valid_vocab_size=kwargs.get("vv"))
+        _loss(hidden, weight, b, labels, valid_vocab_size=kwargs.get("vv"))
 
 
 def test_bad_constructor_args():
     with pytest.raises(ValueError, match="chunk_size"):
         MaskedLMLoss(chunk_size=0)
-    with pytest.raises(ValueError, match="backend must be one of"):
-        MaskedLMLoss(backend="triton")
+    with pytest.raises(ValueError, match="accum_dtype must be a floating dtype"):
+        MaskedLMLoss(accum_dtype=torch.int64)
 
 
 def test_bench_main_cpu_smoke(tmp_path):
     spec = importlib.util.spec_from_file_location(
-        "bench_loss", Path(__file__).parents[2] / "bench" / "loss.py"
+        "bench_loss", Path(__file__).parents[3] / "bench" / "loss.py"
     )
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
@@ -271,71 +268,6 @@ def test_bench_main_cpu_smoke(tmp_path):
         assert r["loss_rel_err"] < 1e-2 and r["grad_weight_rel_err"] < 5e-2, r
 
 
-def _fake_liger(monkeypatch, with_accuracy: bool):
-    """A torch stand-in for liger's LigerFusedLinearCrossEntropyLoss (same call convention and output
-    type), so the adapter (padded-row slicing, accuracy -> count, zero-masked routing) runs on CPU."""
-    import sys
-    import types
-
-    class FakeFLCE(torch.nn.Module):
-        def __init__(
-            self, ignore_index=-100, reduction="mean", accum_dtype=None, return_token_accuracy=False
-        ):
-            super().__init__()
-            assert reduction == "sum" and ignore_index == IGNORE_INDEX
-            self.return_token_accuracy = return_token_accuracy
-
-        def forward(self, lin_weight, _input, target, bias=None):
-            if not _input.requires_grad:  # like liger: no input grad -> no weight/bias grads either
-                lin_weight, bias = lin_weight.detach(), bias.detach() if bias is not None else None
-            logits = F.linear(_input, lin_weight, bias)
-            loss = F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="sum")
-            if not self.return_token_accuracy:
-                return loss
-            keep = target != IGNORE_INDEX
-            acc = (logits.argmax(-1) == target)[keep].float().sum() / keep.sum()
-            return types.SimpleNamespace(loss=loss, token_accuracy=acc)
-
-    if not with_accuracy:  # an older liger: no return_token_accuracy argument
-
-        class FakeFLCE(FakeFLCE):  # noqa: F811
-            def __init__(self, ignore_index=-100, reduction="mean"):
-                super().__init__(ignore_index=ignore_index, reduction=reduction)
-
-    mod = types.ModuleType("liger_kernel.transformers.fused_linear_cross_entropy")
-    mod.LigerFusedLinearCrossEntropyLoss = FakeFLCE
-    for name in ("liger_kernel", "liger_kernel.transformers"):
-        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
-    monkeypatch.setitem(sys.modules, mod.__name__, mod)
-    monkeypatch.setattr("neobert.loss.liger_available", lambda: True)
-    monkeypatch.setattr("neobert.loss._LIGER_DEVICE_TYPES", ("cpu",))
-
-
-@pytest.mark.parametrize("with_accuracy", [True, False])
-def test_liger_adapter_with_fake_liger(monkeypatch, with_accuracy):
-    _fake_liger(monkeypatch, with_accuracy)
-    V_pad, vv = 64, 50
-    hidden, weight, b, labels = _make(V=V_pad, vv=vv, seed=8)
-    with torch.no_grad():
-        b[vv:] = 100.0  # padded rows must be sliced off before liger sees them
-    loss_fn = MaskedLMLoss(backend="liger")
-    assert loss_fn.backend == "liger" and loss_fn._liger_accuracy == with_accuracy
-    out = loss_fn(hidden, weight, b, labels, valid_vocab_size=vv)
-    ref_loss, ref_n, ref_correct = _reference(hidden, weight, b, labels, vv)
-    assert (int(out.num_masked), int(out.num_correct)) == (ref_n, ref_correct)
-    _assert_close("liger-adapter loss_sum", out.loss_sum.detach(), ref_loss.detach())
-    for name, g, r in zip(["hidden", "weight", "bias"], _grads(out.loss_sum, [hidden, weight, b]),
-                          _grads(ref_loss, [hidden, weight, b]), strict=True):  # fmt: skip
-        _assert_close(f"liger-adapter grad_{name}", g, r)
-    none = loss_fn(hidden, weight, b, torch.full_like(labels, IGNORE_INDEX), valid_vocab_size=vv)
-    assert float(none.loss_sum.detach()) == 0.0 and none.loss_sum.requires_grad
-    # frozen encoder + trainable decoder: liger would drop grad_W, so the torch path must take over
-    frozen = loss_fn(hidden.detach(), weight, b, labels, valid_vocab_size=vv)
-    (g_w,) = torch.autograd.grad(frozen.loss_sum, [weight])
-    ref_frozen, _, _ = _reference(hidden.detach(), weight, b, labels, vv)
-    _assert_close("grad_weight (frozen encoder, liger backend)", g_w, _grads(ref_frozen, [weight])[0])
-
-
 def test_pre_gathered_rows_skip_the_gather_and_are_checked() -> None:
     """`masked=` hands the loss the already-gathered (M, D) rows: same result as the (T, D) call, and a
     mismatch between rows and MaskedRows is refused with the fix."""
@@ -345,7 +277,7 @@ def test_pre_gathered_rows_skip_the_gather_and_are_checked() -> None:
     w, b = torch.randn(V, D), torch.randn(V)
     labels = torch.full((T,), -100)
     labels[::4] = torch.randint(0, V, (10,))
-    fn = MaskedLMLoss(chunk_size=4, backend="torch")
+    fn = MaskedLMLoss(chunk_size=4)
     ref = fn(hidden, w, b, labels)
     masked = fn.gather_masked(labels, None, V)
     assert masked.count == 10 and masked.idx.tolist() == list(range(0, T, 4))

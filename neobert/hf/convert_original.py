@@ -1,7 +1,7 @@
 """Import the published NeoBERT checkpoint (chandar-lab/NeoBERT) into the training model, to continue
 pretraining or fine-tune it here.
 
-    python -m neobert.convert_original SRC OUTDIR       # SRC: dir with config.json + model.safetensors / .bin
+    python -m neobert.hf.convert_original SRC OUTDIR       # SRC: dir with config.json + model.safetensors / .bin
 
 The original layout, from the published remote code (huggingface.co/chandar-lab/NeoBERT `model.py`:
 `NeoBERTLMHead` = `model: NeoBERT` + `decoder`; `NeoBERT` = `encoder` embedding, `transformer_encoder` list of
@@ -34,7 +34,8 @@ What the mapping has to undo:
 3. SwiGLU: xformers computes x1, x2 = w12(x).chunk(2); silu(x1) * x2; w3 -- so w12 = [W_gate; W_up], which is
    exactly our `w_in`; `w3` is our `w_out`.
 4. Vocabulary rows are zero-padded to our `padded_vocab_size` (embedding, decoder weight and bias).
-The parity test (tests/unit/test_hf_export.py) builds a random model in the original layout from these
+The config.json translation is `neobert.hf.config_map.from_original_config`.
+The parity test (tests/unit/neobert/hf/test_hf_export.py) builds a random model in the original layout from these
 semantics and checks that the converted training model gives the same hidden states and logits.
 """
 
@@ -48,6 +49,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from neobert.checkpoint import encoder_state_dict, save_model_dir
+from neobert.hf.config_map import from_original_config
+from neobert.model import NeoBERT, NeoBERTForMLM
 
 log = logging.getLogger(__name__)
 
@@ -87,39 +92,6 @@ def convert_qkv(w: torch.Tensor, num_heads: int) -> torch.Tensor:
     perm = rope_pair_to_half_permutation(head_dim)
     q, k = q[:, perm], k[:, perm]
     return torch.cat([q.reshape(-1, d), k.reshape(-1, d), v.reshape(-1, d)], dim=0)  # (3D, D)
-
-
-def config_from_original(orig: dict[str, Any], **overrides: Any):
-    """Our `NeoBERTConfig` for an original config.json dict (missing fields take the published values)."""
-    from neobert.model import NeoBERTConfig
-
-    hidden = int(orig.get("hidden_size", 768))
-    heads = int(orig.get("num_attention_heads", 12))
-    dim_head = int(orig.get("dim_head", hidden // heads))
-    if dim_head * heads != hidden:
-        raise ValueError(f"original config: dim_head={dim_head} x heads={heads} != hidden_size={hidden}")
-    if (
-        orig.get("rope") is False
-        or orig.get("ngpt") is True
-        or orig.get("hidden_act", "swiglu").lower() != "swiglu"
-    ):
-        raise ValueError(
-            "only the published NeoBERT variant (RoPE, SwiGLU, RMSNorm, no nGPT) can be imported; got "
-            f"rope={orig.get('rope')}, ngpt={orig.get('ngpt')}, hidden_act={orig.get('hidden_act')}"
-        )
-    fields = dict(
-        vocab_size=int(orig.get("vocab_size", 30522)),
-        hidden_size=hidden,
-        num_layers=int(orig.get("num_hidden_layers", 28)),
-        num_heads=heads,
-        intermediate_size=int(orig.get("intermediate_size", 3072)),
-        rms_norm_eps=float(orig.get("norm_eps", 1e-5)),
-        max_position_embeddings=int(orig.get("max_length", 4096)),
-        pad_token_id=int(orig.get("pad_token_id", 0)),
-        tie_word_embeddings=False,
-    )
-    fields.update(overrides)
-    return NeoBERTConfig(**fields)
 
 
 def convert_original_state_dict(state_dict: dict[str, torch.Tensor], cfg) -> dict[str, torch.Tensor]:
@@ -188,11 +160,8 @@ def load_original(src: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, A
 def convert_original(src: str | Path, outdir: str | Path, **config_overrides: Any) -> Path:
     """Convert the original checkpoint in `src` into a model dir (`neobert.checkpoint`) in `outdir`, loading
     it into our model with strict key checking on the way."""
-    from neobert.checkpoint import encoder_state_dict, save_model_dir
-    from neobert.model import NeoBERT, NeoBERTForMLM
-
     sd, orig_cfg = load_original(src)
-    cfg = config_from_original(orig_cfg, **config_overrides)
+    cfg = from_original_config(orig_cfg, **config_overrides)
     ours = convert_original_state_dict(sd, cfg)
     if "decoder.weight" in ours:
         model = NeoBERTForMLM(cfg)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from neobert.attention import build_attention, have_fa4, have_flash_attn, sdpa_varlen
-from neobert.ffn import have_quack
+from neobert.kernels.attention import build_attention, have_fa4, have_flash_attn, sdpa_varlen
+from neobert.kernels.ffn import have_quack
 from neobert.model import NeoBERT, NeoBERTConfig
 from neobert.packing import PackedMeta
 
@@ -196,8 +196,8 @@ def test_sparse_last_layer_matches_dense_compiled_bf16(backend: str) -> None:
 
 
 def test_rope_triton_kernels_match_torch_reference() -> None:
-    """neobert/rope_triton.py on CUDA vs its torch reference: fp32 within 1e-6, bf16 within one bf16 ulp."""
-    from neobert import rope_triton
+    """neobert/kernels/rope_triton.py on CUDA vs its torch reference: fp32 within 1e-6, bf16 within one bf16 ulp."""
+    from neobert.kernels import rope_triton
     from neobert.model import RotaryEmbedding
 
     meta = PackedMeta.from_lengths(LENGTHS, device="cuda")
@@ -222,7 +222,7 @@ def test_fa4_fused_rope_matches_unfused_bf16() -> None:
     """The fa4 op with RoPE inside (dq/dk/dv written into slices of dqkv, RoPE undone in place) vs RoPE + the
     plain fa4 op: same output and d(qkv) up to bf16 rounding of the rotated q/k (rel <= 5e-3 vs each other),
     eager and compiled, on a layout with a length-1 document and lengths that are not tile multiples."""
-    from neobert.attention import _fa4_qkv
+    from neobert.kernels.attention import _fa4_qkv
     from neobert.model import RotaryEmbedding, apply_rope
 
     meta = PackedMeta.from_lengths(LENGTHS, device="cuda")._replace(max_seqlen=1024)

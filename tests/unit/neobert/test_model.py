@@ -232,7 +232,7 @@ def test_rmsnorm_and_rope_conventions() -> None:
 
 def test_mlm_loss_matches_naive_and_padded(cfg: NeoBERTConfig) -> None:
     torch.manual_seed(0)
-    mlm = NeoBERTForMLM(cfg, loss_backend="torch")
+    mlm = NeoBERTForMLM(cfg)
     ids = ids_for(cfg, sum(LENGTHS))
     labels = torch.full_like(ids, -100)
     labels[::3] = ids[::3]
@@ -281,8 +281,8 @@ def test_sparse_last_layer_equals_dense(cfg: NeoBERTConfig, every: int) -> None:
     """NeoBERTForMLM's default packed forward runs the last layer's out_proj/FFN on the masked rows only;
     loss, counts and every parameter gradient must equal the dense path (fp32, same weights)."""
     torch.manual_seed(0)
-    dense = NeoBERTForMLM(cfg, loss_backend="torch", sparse_last_layer=False)
-    sparse = NeoBERTForMLM(cfg, loss_backend="torch")
+    dense = NeoBERTForMLM(cfg, sparse_last_layer=False)
+    sparse = NeoBERTForMLM(cfg)
     sparse.load_state_dict(dense.state_dict())
     assert sparse.sparse_last_layer and not dense.sparse_last_layer
     ids = ids_for(cfg, sum(LENGTHS), seed=3)

@@ -37,13 +37,24 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from neobert.checkpoint import ModelDir, encoder_state_dict, load_model_dir
-from neobert.hf.keymap import training_to_hf
+from neobert.checkpoint import (
+    HF_CONFIG_FILE,
+    MODEL_FILE,
+    ModelDir,
+    encoder_state_dict,
+    load_model_dir,
+    resolve_model_dir,
+)
+from neobert.config import NeoBERTConfig
+from neobert.hf.config_map import from_hf_config, to_hf_config
+from neobert.hf.keymap import hf_to_training, training_to_hf
 from neobert.hf.model_card import load_eval_results, write_model_card
+from neobert.model import NeoBERT, NeoBERTForMLM
+from neobert.packing import PackedMeta
 
 log = logging.getLogger(__name__)
 
-HF_SOURCE_DIR = Path(__file__).parent / "hf"
+HF_SOURCE_DIR = Path(__file__).parent  # configuration_neobert.py, modeling_neobert.py
 HF_SOURCE_FILES = ("configuration_neobert.py", "modeling_neobert.py")
 AUTO_MAP_BASE = {
     "AutoConfig": "configuration_neobert.NeoBERTConfig",
@@ -113,22 +124,31 @@ class ExportReport:
 
 
 def hf_config_dict(md: ModelDir) -> dict[str, Any]:
-    """The kwargs of `neobert.hf.NeoBERTConfig` for a training config (see configuration_neobert.py)."""
-    cfg = md.cfg
-    return dict(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.hidden_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        intermediate_size=cfg.ffn_hidden_size,
-        rms_norm_eps=cfg.rms_norm_eps,
-        rope_theta=cfg.rope_theta,
-        max_position_embeddings=cfg.max_position_embeddings,
-        initializer_range=cfg.initializer_range,
-        classifier_pooling=md.pooling if md.pooling in ("cls", "mean") else "cls",
-        pad_token_id=cfg.pad_token_id,
-        tie_word_embeddings=bool(cfg.tie_word_embeddings and md.kind == "mlm"),
-    )
+    """The kwargs of `neobert.hf.NeoBERTConfig` for a model dir (`neobert.hf.config_map.to_hf_config`)."""
+    return to_hf_config(md.cfg, kind=md.kind, pooling=md.pooling)
+
+
+def load_hf_encoder(path: str | Path) -> tuple[NeoBERT, NeoBERTConfig, str | None]:
+    """(NeoBERT encoder, its training config, pooling or None) from an HF dir written by `export_hf`: config.json
+    through `config_map.from_hf_config`, weights through the inverse key map (`keymap.hf_to_training`, vocabulary
+    rows zero-padded back to the training width). The pooling is the sentence-transformers one when the dir has
+    modules.json, else None."""
+    from safetensors.torch import load_file
+
+    d = resolve_model_dir(path)
+    hf = json.loads((d / HF_CONFIG_FILE).read_text())
+    cfg = from_hf_config(hf, source=str(d / HF_CONFIG_FILE))
+    try:
+        weights = load_file(str(d / MODEL_FILE))
+    except Exception as e:  # SafetensorError of a truncated file, or an OSError
+        raise ValueError(
+            f"{d / MODEL_FILE} cannot be read ({type(e).__name__}: {e}); re-export the model with jobs/export_hf.py"
+        ) from None
+    state = hf_to_training(weights, num_layers=cfg.num_layers, padded_vocab_size=cfg.padded_vocab_size)
+    encoder = NeoBERT(cfg)
+    encoder.load_state_dict(encoder_state_dict(state), strict=True)
+    pooling = hf.get("classifier_pooling") if (d / "modules.json").exists() else None
+    return encoder, cfg, pooling
 
 
 def export_hf(
@@ -275,9 +295,6 @@ def write_sentence_transformers(outdir: Path, pooling: str, hidden_size: int, ma
 # ------------------------------------------------------------------------------------------------ parity
 def _training_hidden(md: ModelDir, ids_T: torch.Tensor, lengths: list[int]):
     """Training model (exact sdpa varlen backend, fp32, CPU): hidden (T, D) and, for mlm, logits (T, V)."""
-    from neobert.model import NeoBERT, NeoBERTForMLM
-    from neobert.packing import PackedMeta
-
     cfg = dataclasses.replace(md.cfg, attn_backend="sdpa", ffn_backend="torch")
     meta = PackedMeta.from_lengths(lengths)
     with torch.no_grad():

@@ -14,7 +14,7 @@ import yaml
 from safetensors.torch import load_file
 
 from neobert.checkpoint import save_model_dir
-from neobert.export import export_hf
+from neobert.hf.export import export_hf
 from neobert.model import NeoBERT, NeoBERTConfig, NeoBERTForMLM
 from pipelines.tokenizer import default_tokenizer_dir
 

@@ -1,4 +1,4 @@
-"""The RoPE-fused `fa4` attention op (neobert/attention.py `fa4_qkv_varlen_*`, neobert/rope_triton.py) on CPU.
+"""The RoPE-fused `fa4` attention op (neobert/kernels/attention.py `fa4_qkv_varlen_*`, neobert/kernels/rope_triton.py) on CPU.
 
 FlashAttention-4 itself needs a Hopper GPU (tests/unit/test_model_gpu.py covers it there); here its two raw calls
 are replaced by an exact fp32 per-document reference with the same contract (forward returns out and lse; the
@@ -16,9 +16,10 @@ import math
 import pytest
 import torch
 
-from neobert import attention, rope_triton
-from neobert.attention import sdpa_varlen
-from neobert.model import NeoBERT, NeoBERTConfig, RotaryEmbedding, apply_rope
+from neobert.kernels import attention, rope_triton
+from neobert.kernels.attention import sdpa_varlen
+from neobert.kernels.rope import RotaryEmbedding, apply_rope
+from neobert.model import NeoBERT, NeoBERTConfig
 from neobert.packing import PackedMeta
 
 LENGTHS = [5, 1, 17, 9]

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from neobert.checkpoint import save_model_dir
-from neobert.export import export_hf
+from neobert.hf.export import export_hf
 from neobert.model import NeoBERTConfig, NeoBERTForMLM
 from pipelines.tokenizer import default_tokenizer_dir
 

@@ -1,4 +1,4 @@
-"""FFN backend resolution (neobert/ffn.py) on CPU; quack vs torch numerics run on the GPU (test_model_gpu.py)."""
+"""FFN backend resolution (neobert/kernels/ffn.py) on CPU; quack vs torch numerics run on the GPU (test_model_gpu.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from neobert.ffn import build_ffn, resolve_ffn_backend, swiglu_quack, swiglu_torch
+from neobert.kernels.ffn import build_ffn, resolve_ffn_backend, swiglu_quack, swiglu_torch
 from neobert.model import NeoBERT, NeoBERTConfig
 
 
@@ -46,7 +46,7 @@ def test_missing_nvmmh_is_guarded_so_imports_fail_at_once(monkeypatch: pytest.Mo
     repeated sys.path search into an immediate ModuleNotFoundError, and leaves an importable module alone."""
     import sys
 
-    import neobert.ffn as ffn
+    import neobert.kernels.ffn as ffn
 
     name = "neobert_test_missing_nvmmh"  # a module that does not exist anywhere
     monkeypatch.setattr(ffn, "NVMMH_MODULE", name)
@@ -68,7 +68,7 @@ def test_missing_nvmmh_is_guarded_so_imports_fail_at_once(monkeypatch: pytest.Mo
 
 
 def test_build_ffn_guards_nvmmh_only_for_quack(monkeypatch: pytest.MonkeyPatch) -> None:
-    import neobert.ffn as ffn
+    import neobert.kernels.ffn as ffn
 
     calls = []
     monkeypatch.setattr(ffn, "guard_missing_nvmmh", lambda: calls.append(1) or True)
@@ -84,8 +84,8 @@ def test_ffn_variants_per_path(monkeypatch: pytest.MonkeyPatch, autotune: bool) 
     """With quack chosen: every token of a packed stream goes through quack (autotuned with ffn_autotune), the
     sparse last layer's masked rows through the torch FFN (quack is slower there and would re-tune for every
     row count), and padded batches through quack's heuristic configs (their shapes vary: never autotuned)."""
-    import neobert.ffn as ffn
-    import neobert.model as model_mod
+    import neobert.kernels as kernels_mod
+    import neobert.kernels.ffn as ffn
     from neobert.packing import PackedMeta
 
     monkeypatch.setattr(ffn, "have_quack", lambda: True)
@@ -103,8 +103,8 @@ def test_ffn_variants_per_path(monkeypatch: pytest.MonkeyPatch, autotune: bool) 
         return spy(name + ("-tuned" if autotune else ""))
 
     monkeypatch.setattr(ffn, "swiglu_ffn_fn", fake_ffn_fn)
-    monkeypatch.setattr(model_mod, "swiglu_ffn_fn", fake_ffn_fn)
-    monkeypatch.setattr(model_mod, "swiglu_torch", spy("torch"))
+    monkeypatch.setattr(kernels_mod, "swiglu_ffn_fn", fake_ffn_fn)
+    monkeypatch.setattr(kernels_mod, "swiglu_torch", spy("torch"))
     cfg = NeoBERTConfig.preset("tiny", ffn_backend="quack", ffn_autotune=autotune)
     enc = NeoBERT(cfg)
     assert enc.ffn_backend == "quack"
@@ -124,14 +124,14 @@ def test_ffn_variants_per_path(monkeypatch: pytest.MonkeyPatch, autotune: bool) 
 def test_ffn_autotune_must_be_bool_and_warns_where_it_does_nothing(caplog: pytest.LogCaptureFixture) -> None:
     with pytest.raises(ValueError, match="ffn_autotune"):
         NeoBERTConfig.preset("tiny", ffn_autotune="yes")
-    with caplog.at_level("WARNING", logger="neobert.model"):
+    with caplog.at_level("WARNING", logger="neobert.kernels"):
         enc = NeoBERT(NeoBERTConfig.preset("tiny", ffn_autotune=True))  # CPU: the torch FFN
     assert enc.ffn_backend == "torch" and enc.layers[0].packed_ffn_fn is swiglu_torch
     assert "ffn_autotune=True has no effect" in caplog.text
 
 
 def test_ffn_fn_lookup() -> None:
-    from neobert.ffn import swiglu_ffn_fn, swiglu_quack_tuned
+    from neobert.kernels.ffn import swiglu_ffn_fn, swiglu_quack_tuned
 
     assert swiglu_ffn_fn("quack") is swiglu_quack
     assert swiglu_ffn_fn("quack", autotune=True) is swiglu_quack_tuned
@@ -148,7 +148,7 @@ def test_quack_call_passes_tuned_and_concat_layout(
     import sys
     import types
 
-    import neobert.ffn as ffn
+    import neobert.kernels.ffn as ffn
 
     seen = {}
 

@@ -1,4 +1,4 @@
-"""SwiGLU feed-forward implementations, resolved once per model by `build_ffn` (like the attention backend).
+"""SwiGLU feed-forward implementations; `neobert.kernels.resolve` picks one per model (like the attention backend).
 
     x (.., D) -> w_out(silu(x W_gate^T) * (x W_up^T)) (.., D),   w_in.weight = [W_gate; W_up] (2F, D)
 
@@ -37,15 +37,13 @@ QUACK_MIN_CAPABILITY = 9
 # nvMatmulHeuristics, an optional extra (`quack-kernels[heuristics]`), for a tile config on every call. Without it
 # that import fails on every call and, since Python does not cache failed imports, searches all of sys.path
 # again: 112 failed imports per step of the base model, the largest avoidable Python cost of the step in the
-# session-4 host profile (docs/benchmarks.md). `guard_missing_nvmmh` makes the import fail at once instead; a
+# host profile of the training step (docs/benchmarks.md). `guard_missing_nvmmh` makes the import fail at once instead; a
 # package installed later in the same process stays hidden until `del sys.modules["nvMatmulHeuristics"]`.
 GUARD_MISSING_NVMMH = True
 NVMMH_MODULE = "nvMatmulHeuristics"
 
 # (x (.., D), w_in: Linear(D, 2F), w_out: Linear(F, D)) -> (.., D)
 FfnFn = Callable[[torch.Tensor, nn.Linear, nn.Linear], torch.Tensor]
-
-_logged: set[tuple[str, str]] = set()
 
 
 def swiglu_torch(x: torch.Tensor, w_in: nn.Linear, w_out: nn.Linear) -> torch.Tensor:
@@ -140,11 +138,8 @@ def swiglu_ffn_fn(name: str, *, autotune: bool = False) -> FfnFn:
 
 
 def build_ffn(requested: str = "auto") -> tuple[str, FfnFn]:
-    """Resolve `requested` once and return (name, ffn function). Logs the choice once per process."""
+    """Resolve `requested` and return (name, ffn function); installs the nvMatmulHeuristics guard for quack."""
     name = resolve_ffn_backend(requested)
     if name == "quack" and GUARD_MISSING_NVMMH:
         guard_missing_nvmmh()
-    if (requested, name) not in _logged:
-        _logged.add((requested, name))
-        log.info("ffn backend: %s (requested %r)", name, requested)
     return name, swiglu_ffn_fn(name)

@@ -1,4 +1,4 @@
-"""Variable-length (packed) attention backends, resolved once per model by `build_attention` and logged once.
+"""Variable-length (packed) attention backends; `neobert.kernels.resolve` picks one per model and logs it once.
 
 Every backend computes bidirectional softmax attention restricted to each document of a packed stream:
 
@@ -46,7 +46,6 @@ AttnFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, PackedMeta, float],
 QkvAttnFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, PackedMeta, float], torch.Tensor]
 
 _forced: str | None = None
-_logged: set[tuple[str, str]] = set()
 
 
 @contextlib.contextmanager
@@ -160,16 +159,13 @@ def resolve_backend(
 
 
 def build_attention(requested: str = "auto") -> tuple[str, AttnFn]:
-    """Resolve `requested` once and return (name, attention function). Logs the choice once per process."""
+    """Resolve `requested` and return (name, attention function)."""
     name = resolve_backend(requested)
     fn = {"fa4": _fa4, "flash_attn": _flash_attn, "torch_varlen": _torch_varlen, "sdpa": sdpa_varlen}[name]
     if name == "fa4":
         # flash-attn-4 b36 warns once per kernel compile that an internal argument is not a JIT argument; that
         # is upstream noise (nothing to fix on the caller's side), so it is filtered here.
         warnings.filterwarnings("ignore", message=r"Argument aux_data .*JitArgument", category=UserWarning)
-    if (requested, name) not in _logged:
-        _logged.add((requested, name))
-        log.info("attention backend: %s (requested %r)", name, requested)
     return name, fn
 
 
@@ -177,10 +173,10 @@ def fused_rope_attention(name: str) -> QkvAttnFn | None:
     """The RoPE-fused entry point of backend `name` (a resolved name), or None where RoPE stays a separate step.
 
     Only `fa4` has one (its RoPE kernels are Triton, which ships with CUDA builds of torch). It saves the
-    concatenation pass of the backward (see neobert/rope_triton.py); the encoder uses it when it exists."""
+    concatenation pass of the backward (see neobert/kernels/rope_triton.py); the encoder uses it when it exists."""
     if name != "fa4":
         return None
-    from neobert.ce_triton import triton_available
+    from neobert.kernels.ce_triton import triton_available
 
     return _fa4_qkv if triton_available() else None
 
@@ -319,7 +315,7 @@ def _fa4_backward(ctx, dout, _dlse):
 _fa4_fwd_op.register_autograd(_fa4_backward, setup_context=_fa4_setup_context)
 
 
-# The fused `fa4` path used by the encoder blocks: RoPE in and out of the attention op (neobert/rope_triton.py).
+# The fused `fa4` path used by the encoder blocks: RoPE in and out of the attention op (rope_triton.py).
 # Input is the pre-RoPE fused projection qkv (T, 3, N, H); the backward returns d(qkv) as one tensor, with
 # FlashAttention-4 writing dq/dk/dv straight into its slices and RoPE undone in place (no concatenation pass).
 # q, k (rotated) are extra outputs only so that the backward can reuse them; they carry no gradient.
@@ -332,7 +328,7 @@ def _fa4_qkv_fwd_op(
     max_seqlen: int,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    from neobert.rope_triton import rope_split
+    from neobert.kernels.rope_triton import rope_split
 
     q, k = rope_split(qkv, cos, sin)  # (T, N, H) each, rotated
     out, lse = _fa4_forward(q, k, qkv[:, 2], cu_seqlens, max_seqlen, scale)
@@ -360,7 +356,7 @@ def _fa4_qkv_bwd_op(
     max_seqlen: int,
     scale: float,
 ) -> torch.Tensor:
-    from neobert.rope_triton import rope_backward_
+    from neobert.kernels.rope_triton import rope_backward_
 
     dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)  # (T, 3, N, H)
     v = qkv[:, 2]

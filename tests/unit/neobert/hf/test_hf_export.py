@@ -21,15 +21,16 @@ from safetensors.torch import load_file, save_file
 
 from neobert.checkpoint import load_mlm, save_model_dir
 from neobert.contrastive import pool_sequences
-from neobert.convert_original import config_from_original, convert_original, convert_original_state_dict
-from neobert.export import ParityError, check_parity, export_hf
+from neobert.hf.config_map import from_original_config
+from neobert.hf.convert_original import convert_original, convert_original_state_dict
+from neobert.hf.export import ParityError, check_parity, export_hf
 from neobert.hf.keymap import hf_to_training
 from neobert.model import NeoBERT, NeoBERTConfig, NeoBERTForMLM
 from neobert.packing import PackedMeta
 from pipelines.tokenizer import default_tokenizer_dir, load_tokenizer
 
 ATOL, LOGITS_ATOL = 1e-5, 1e-4
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[4]
 LENGTHS = [7, 3, 12, 1]  # padded batch (4, 12) vs packed stream of 23 tokens
 
 
@@ -151,7 +152,7 @@ def test_parity_check_fails_on_corrupted_export(mlm_export, tmp_path):
     import shutil
 
     from neobert.checkpoint import load_model_dir
-    from neobert.export import ExportReport
+    from neobert.hf.export import ExportReport
 
     model, cfg, out, _ = mlm_export
     bad = tmp_path / "hf_bad"
@@ -241,7 +242,7 @@ def test_contrastive_export_is_a_sentence_transformer(tmp_path, pooling):
 
 # ------------------------------------------------------------------------------ original NeoBERT import
 def original_state_dict(cfg: NeoBERTConfig, vocab: int, seed: int = 0, prefix: str = "model.") -> dict:
-    """Random weights in the published layout (see neobert/convert_original.py for the key list)."""
+    """Random weights in the published layout (see neobert/hf/convert_original.py for the key list)."""
     g = torch.Generator().manual_seed(seed)
     D, F_ = cfg.hidden_size, cfg.ffn_hidden_size
 
@@ -313,7 +314,7 @@ ORIG_CONFIG = {
 
 
 def test_convert_original_matches_reference_forward(tmp_path):
-    cfg = config_from_original(ORIG_CONFIG, attn_backend="sdpa")
+    cfg = from_original_config(ORIG_CONFIG, attn_backend="sdpa")
     assert cfg.ffn_hidden_size == 48 and cfg.padded_vocab_size == 384
     orig = original_state_dict(cfg, vocab=300)
     (tmp_path / "orig").mkdir()
@@ -336,9 +337,9 @@ def test_convert_original_matches_reference_forward(tmp_path):
 
 def test_convert_original_needs_the_rope_permutation(monkeypatch):
     """Negative control: without the per-head row permutation (pair RoPE != half-split RoPE) outputs differ."""
-    import neobert.convert_original as co
+    import neobert.hf.convert_original as co
 
-    cfg = config_from_original(ORIG_CONFIG, attn_backend="sdpa")
+    cfg = from_original_config(ORIG_CONFIG, attn_backend="sdpa")
     orig = original_state_dict(cfg, vocab=300)
     monkeypatch.setattr(co, "rope_pair_to_half_permutation", lambda H: torch.arange(H))
     model = NeoBERTForMLM(cfg).eval()
@@ -351,8 +352,50 @@ def test_convert_original_needs_the_rope_permutation(monkeypatch):
 
 
 def test_convert_original_rejects_wrong_layout():
-    cfg = config_from_original(ORIG_CONFIG)
+    cfg = from_original_config(ORIG_CONFIG)
     orig = original_state_dict(cfg, vocab=300)
     orig["model.transformer_encoder.0.attn.wq.weight"] = orig.pop("model.transformer_encoder.0.wo.weight")
     with pytest.raises(ValueError, match="missing .*wo.weight.*unexpected .*attn.wq"):
         convert_original_state_dict(orig, cfg)
+
+
+def test_export_job_picks_the_newest_complete_checkpoint_by_name(tmp_path):
+    """jobs/export_hf.py without CHECKPOINT: the newest complete checkpoint over all storages, by Ray's timestamped
+    name (a copied run dir has fresh file times), skipping a checkpoint cut off mid-write."""
+    import importlib.util
+    import os
+
+    from neobert.checkpoint import TRAIN_STATE_FILE
+
+    spec = importlib.util.spec_from_file_location("export_hf_job", REPO / "jobs" / "export_hf.py")
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    cfg = tiny_cfg()
+    model = NeoBERTForMLM(cfg)
+    storages = (tmp_path / "pretrain", tmp_path / "demo")
+    assert job.newest_pretrain_checkpoint(storages) is None
+    made = {}
+    for storage, name in [(0, "2026-01-02_00-00-00.000001"), (1, "2026-01-01_00-00-00.000001"), (1, "2026-01-03_00-00-00.000001")]:  # fmt: skip
+        ckpt = storages[storage] / "run" / f"checkpoint_{name}"
+        save_model_dir(ckpt / "model", model, cfg)
+        (ckpt / TRAIN_STATE_FILE).write_bytes(b"state")
+        made[name] = ckpt
+    os.utime(made["2026-01-01_00-00-00.000001"] / "model" / "neobert_config.json", (4e9, 4e9))  # newest mtime
+    assert job.newest_pretrain_checkpoint(storages) == made["2026-01-03_00-00-00.000001"] / "model"
+    (made["2026-01-03_00-00-00.000001"] / TRAIN_STATE_FILE).unlink()  # incomplete now: skipped
+    assert job.newest_pretrain_checkpoint(storages) == made["2026-01-02_00-00-00.000001"] / "model"
+
+
+def test_load_hf_encoder_refuses_a_truncated_export(tmp_path):
+    from neobert.hf.export import load_hf_encoder
+    from pipelines.tokenizer import default_tokenizer_dir
+
+    cfg = tiny_cfg()
+    save_model_dir(tmp_path / "m", NeoBERT(cfg), cfg, kind="encoder", pooling="mean")
+    export_hf(tmp_path / "m", tmp_path / "hf", tokenizer_dir=default_tokenizer_dir(), parity=False)
+    enc, cfg2, pooling = load_hf_encoder(tmp_path / "hf")
+    assert cfg2.ffn_hidden_size == cfg.ffn_hidden_size and pooling == "mean"
+    f = tmp_path / "hf" / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-64])
+    with pytest.raises(ValueError, match=r"model.safetensors cannot be read .*re-export"):
+        load_hf_encoder(tmp_path / "hf")

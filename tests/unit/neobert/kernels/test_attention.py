@@ -7,8 +7,9 @@ import logging
 import pytest
 import torch
 
-from neobert import attention
-from neobert.attention import build_attention, force_backend, resolve_backend, sdpa_varlen
+from neobert.config import NeoBERTConfig
+from neobert.kernels import attention
+from neobert.kernels.attention import build_attention, force_backend, resolve_backend, sdpa_varlen
 from neobert.packing import PackedMeta
 
 
@@ -117,13 +118,17 @@ def test_force_backend_hook_overrides_auto_only() -> None:
         pass
 
 
-def test_build_logs_once(caplog: pytest.LogCaptureFixture) -> None:
-    attention._logged.clear()
-    with caplog.at_level(logging.INFO, logger="neobert.attention"):
+def test_resolve_logs_once(caplog: pytest.LogCaptureFixture) -> None:
+    import neobert.kernels as kernels_mod
+
+    kernels_mod._logged.clear()
+    cfg = NeoBERTConfig.preset("tiny", attn_backend="sdpa", ffn_backend="torch")
+    with caplog.at_level(logging.INFO, logger="neobert.kernels"):
         for _ in range(3):
-            name, fn = build_attention("sdpa")
-    assert name == "sdpa" and fn is sdpa_varlen
-    assert sum("attention backend" in r.message for r in caplog.records) == 1
+            k = kernels_mod.resolve(cfg)
+    assert k.attn_backend == "sdpa" and k.attn_fn is sdpa_varlen and k.qkv_attn_fn is None
+    assert build_attention("sdpa") == ("sdpa", sdpa_varlen)
+    assert sum("attention backend: sdpa" in r.message for r in caplog.records) == 1
 
 
 @pytest.mark.parametrize("fn", [attention._fa4, attention._torch_varlen, attention._flash_attn])

@@ -8,7 +8,7 @@ fp32 (C, V) temporary:
     pass 2: logits[c] <- softmax[c] - onehot[c]   (in place, compute dtype; columns >= Vv get 0)
 
 That is 2 reads + 1 write of the bf16 logits, against ~5 fp32 passes of the unfused torch version. The torch
-version stays the reference (CPU, and CUDA without Triton); `tests/unit/test_loss_gpu.py` compares both.
+version stays the reference (CPU, and CUDA without Triton); `tests/unit/neobert/test_loss_gpu.py` compares both.
 """
 
 from __future__ import annotations

@@ -8,8 +8,8 @@ it as one tensor, so the rotation and its inverse live next to the attention ker
               rope_backward_(dqkv, cos, sin) then un-rotates dq and dk in place.
 
 Against the unfused graph (inductor reads dq, dk, dv and writes a concatenated dqkv) the backward moves 4
-instead of 6 (T, D) bf16 tensors per layer. Same math as `neobert.model.apply_rope` (half-split / GPT-NeoX
-layout, fp32 arithmetic, result rounded to the input dtype):
+instead of 6 (T, D) bf16 tensors per layer. Same math as `neobert.kernels.rope.apply_rope` (half-split /
+GPT-NeoX layout, fp32 arithmetic, result rounded to the input dtype):
 
     y1 = x1 c - x2 s,  y2 = x2 c + x1 s          (c, s = cos/sin of position * inv_freq, one per pair)
     dx1 = dy1 c + dy2 s,  dx2 = dy2 c - dy1 s    (the transpose of the rotation)
@@ -23,8 +23,6 @@ from __future__ import annotations
 import functools
 
 import torch
-
-from neobert.model import apply_rope
 
 BLOCK_T = 32  # tokens per program: 32 x 12 heads x 64 = 24k elements in flight per direction
 
@@ -132,8 +130,14 @@ def _halves(cos_TH: torch.Tensor, sin_TH: torch.Tensor) -> tuple[torch.Tensor, t
 
 
 def rope_split_torch(qkv_T3NH, cos_TH, sin_TH) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference for `rope_split`: the model's own `apply_rope` on the q and k slices."""
-    return apply_rope(qkv_T3NH[:, 0], cos_TH, sin_TH), apply_rope(qkv_T3NH[:, 1], cos_TH, sin_TH)
+    """Reference for `rope_split`: the forward formula of the module docstring on the q and k slices (the tests
+    check it against `neobert.kernels.rope.apply_rope`, bit for bit)."""
+    c, s = _halves(cos_TH, sin_TH)
+    out = []
+    for i in (0, 1):
+        x1, x2 = qkv_T3NH[:, i].float().chunk(2, dim=-1)
+        out.append(torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(qkv_T3NH.dtype))
+    return out[0], out[1]
 
 
 def rope_backward_torch_(dqkv_T3NH, cos_TH, sin_TH) -> torch.Tensor:
