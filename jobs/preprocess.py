@@ -34,7 +34,12 @@ FLAGS = (
     F(("--on-bad-row",), "on_bad_row", "error | skip (count and report bad rows)", metavar="MODE"),
     F(("--text-column",), "text_column", "JSONL key / column holding the text", metavar="NAME"),
     F(("--tokenizer",), "tokenizer", "tokenizer.json or a dir holding one", metavar="PATH"),
-    F(("--length-views",), "length_views", "also write views of the documents >= L tokens (L,L,...)", metavar="L,..."),
+    F(
+        ("--length-views",),
+        "length_views",
+        "also write views of the documents >= L tokens (L,L,...)",
+        metavar="L,...",
+    ),
 )
 
 
@@ -59,6 +64,7 @@ SPEC = cli.JobSpec(
     output_keys=("output",),
     input_keys=("input", "tokenizer"),
 )
+
 
 def main(argv: list[str] | None = None) -> int:
     return cli.main(SPEC, run, argv)

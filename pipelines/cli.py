@@ -460,6 +460,10 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+def _from_ray(exc: BaseException) -> bool:
+    return type(exc).__module__.startswith("ray.") or type(exc).__name__.startswith("RayTaskError")
+
+
 def root_cause(exc: BaseException) -> BaseException:
     """The exception the user's problem started as, through Ray's wrappers: a Ray task error's `cause`,
     a Train run's first worker failure (lowest rank) or controller failure, and the `__cause__` of any
@@ -477,8 +481,8 @@ def root_cause(exc: BaseException) -> BaseException:
             getattr(exc, "cause", None), BaseException
         ):
             nxt = exc.cause  # type: ignore[attr-defined]
-        elif type(exc).__module__.startswith("ray.") and exc.__cause__ is not None:
-            nxt = exc.__cause__
+        elif exc.__cause__ is not None and (_from_ray(exc) or _from_ray(exc.__cause__)):
+            nxt = exc.__cause__  # Ray Data's UserCodeException, or a caller's `raise ... from <Ray error>`
         if nxt is None:
             break
         exc = nxt

@@ -19,7 +19,7 @@ Publishing outputs (`StagedOutput`): a job writes into a staging location beside
 success; a failed run leaves the previous output as it was, plus `failure.json`.
 
 Error reporting: Ray re-raises a worker's exception wrapped (RayTaskError, Ray Data's own errors) and Ray Data logs
-it with long tracebacks; `unwrap_error` / `describe` recover the user-facing cause as one line, and
+it with long tracebacks; `pipelines.cli.root_cause` recovers the user-facing cause, and
 `ray_data_console_errors_held` keeps those console tracebacks back while the caller reports the error itself.
 """
 
@@ -435,24 +435,6 @@ def published_files(target: str) -> list[str] | None:
         return list(json.loads(f.read())["files"])
 
 
-def unwrap_error(e: BaseException) -> BaseException:
-    """The user-facing cause of an exception raised through Ray (RayTaskError / a Ray Data wrapper), else `e`.
-
-    Ray re-raises a worker's exception as a RayTaskError whose `.cause` (or `__cause__`) is the original one; this
-    follows that chain to the first BadRowError / ValueError / OSError so that a job can print one line."""
-    seen: set[int] = set()
-    cur: BaseException | None = e
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        if (
-            isinstance(cur, (BadRowError, ValueError, OSError))
-            and type(cur).__module__.split(".")[0] != "ray"
-        ):
-            return cur
-        cur = getattr(cur, "cause", None) or cur.__cause__ or cur.__context__
-    return e
-
-
 class _DropErrors(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return record.levelno < logging.ERROR
@@ -474,13 +456,6 @@ def ray_data_console_errors_held():
     finally:
         for h in handlers:
             h.removeFilter(drop)
-
-
-def describe(e: BaseException) -> str:
-    """One line for `error: ...`: the unwrapped cause's message, first line only."""
-    cause = unwrap_error(e)
-    msg = str(cause).strip().splitlines()
-    return msg[0] if msg else type(cause).__name__
 
 
 def jsonable(v: Any) -> Any:

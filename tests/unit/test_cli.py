@@ -141,6 +141,10 @@ def test_ray_wrappers_unwrap_to_the_user_error(capsys):
     group = WorkerGroupError("rank 1 failed", {1: task, 0: cause})
     assert cli.root_cause(group) is cause  # lowest rank first
     assert cli.root_cause(ControllerError(group)) is cause
+    outer = RuntimeError("Ray Data execution failed")  # a caller's `raise ... from <the Ray error>`
+    outer.__cause__ = dual
+    assert cli.root_cause(outer) is cause
+    assert cli.root_cause(RuntimeError("plain")).args == ("plain",)  # a non-Ray chain stays as it is
     spec = job("pretrain").SPEC
     assert cli.report_error(spec, ControllerError(group)) == 2
     assert capsys.readouterr().err.strip() == f"pretrain: error: {cause}"

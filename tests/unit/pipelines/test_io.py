@@ -16,13 +16,11 @@ from pipelines.io import (
     BadRowError,
     StagedOutput,
     check_no_overlap,
-    describe,
     iter_lines,
     iter_record_batches,
     list_inputs,
     parse_json_object,
     published_files,
-    unwrap_error,
 )
 
 
@@ -130,20 +128,3 @@ def test_overlapping_input_and_output_are_refused(tmp_path):
     with pytest.raises(ValueError, match="overlaps the output"):
         check_no_overlap([str(tmp_path / "d" / "*.jsonl")], str(tmp_path / "d"))
     check_no_overlap([str(tmp_path / "raw")], str(tmp_path / "raw-packed"))  # a sibling with a common prefix
-
-
-def test_unwrap_error_finds_the_bad_row_inside_a_ray_task_error():
-    from ray.exceptions import RayTaskError
-
-    cause = BadRowError("data/x.jsonl, row 7, field 'text': empty_text: ''; drop empty documents")
-    try:
-        raise cause
-    except BadRowError:
-        import traceback
-
-        tb = traceback.format_exc()
-    wrapped = RayTaskError("TokenizeFiles.__call__", tb, cause).as_instanceof_cause()
-    outer = RuntimeError("Ray Data failed")
-    outer.__cause__ = wrapped
-    assert unwrap_error(outer) is cause
-    assert describe(outer) == str(cause) and "\n" not in describe(outer)

@@ -143,7 +143,7 @@ def test_export_job_takes_eval_results_and_license(tmp_path, capsys):
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[2] / "jobs" / "export_hf.py"
+    path = Path(__file__).resolve().parents[4] / "jobs" / "export_hf.py"
     spec = importlib.util.spec_from_file_location("export_hf_job_card", path)
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)

@@ -229,7 +229,12 @@ def test_job_reports_a_missing_input_before_ray_starts(tmp_path, monkeypatch, ca
     monkeypatch.setattr(pipelines.ray_session, "init_ray", must_not_start)
     rc = main(["--input", str(tmp_path / "missing"), "--output", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1 and err[0].startswith("preprocess: error: input path") and "does not exist" in err[0]
+    assert (
+        rc == 2
+        and len(err) == 1
+        and err[0].startswith("preprocess: error: input path")
+        and "does not exist" in err[0]
+    )
 
 
 def test_job_prints_one_error_line_for_a_bad_row_raised_inside_ray(tmp_path, monkeypatch, capsys):
