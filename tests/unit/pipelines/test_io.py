@@ -13,7 +13,6 @@ import pytest
 
 from pipelines.io import (
     FAILURE_NAME,
-    BadRowError,
     StagedOutput,
     check_no_overlap,
     iter_lines,
