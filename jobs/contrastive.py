@@ -2,14 +2,15 @@
 
   python jobs/contrastive.py                                  # embedded sources + embedded tiny checkpoint, 2 CPU workers
   python jobs/contrastive.py --config configs/contrastive_1gpu.yaml
-  python jobs/contrastive.py --init outputs/pretrain/neobert-pretrain --data.input_dir outputs/contrastive \
-      --train.max_steps 500 --run.output_dir outputs/my_embedder
+  python jobs/contrastive.py --init outputs/pretrain/neobert-tiny --data.input_dir outputs/contrastive_valid \
+      --train.num_steps 500 --checkpoint.name my_embedder
   ray job submit --working-dir . -- python jobs/contrastive.py --init /shared/ckpt --data.input_dir /shared/val
 
---init: a pretraining checkpoint or model dir (jobs/pretrain.py), an HF export dir, or random:<preset>.
+--init: a pretraining run dir, checkpoint or model dir (jobs/pretrain.py), an HF export dir, or random:<preset>.
 --data.input_dir: a dir written by `jobs/validate_contrastive.py --output DIR` (unvalidated input is refused);
-empty = the embedded sources, validated on first use. Writes OUTPUT/{eval.json, metrics.jsonl, model/, ray/} and
-prints OUTPUT at the end. Re-running with the same output dir resumes from its latest checkpoint.
+empty = the embedded sources, validated on first use. Writes RUN_DIR/{config.yaml, metrics.jsonl, checkpoint_*,
+eval.json, model/} (RUN_DIR = checkpoint.storage_path/checkpoint.name) and prints RUN_DIR at the end. Re-running
+with the same run dir resumes from its latest checkpoint.
 Under `ray job submit` (RAY_ADDRESS set) it joins that cluster, otherwise it starts Ray in-process.
 Exit codes: 0 ok, 2 bad config / input, 1 training failed. See docs/contrastive.md.
 """
@@ -26,10 +27,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere / ray job submit
 
-from neobert.config_io import load_config  # noqa: E402
-from pipelines import contrastive_train as ct  # noqa: E402
+from pipelines.train import contrastive as ct  # noqa: E402
 
-DEFAULT_CONFIG = REPO / "configs" / "contrastive.yaml"
+DEFAULT_CONFIG = ct.DEFAULT_CONFIG
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides += [f"--model.init={args.init}"]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
-        cfg = load_config(ct.ContrastiveConfig, args.config, overrides)
+        cfg = ct.load_contrastive_config(args.config, overrides)
         # user-given paths are checked before Ray starts: a wrong path fails in a second, not after start-up
         if cfg.data.input_dir:
             cfg.data.input_dir = str(ct.ensure_validated(cfg.data.input_dir).resolve())
@@ -67,14 +67,13 @@ def main(argv: list[str] | None = None) -> int:
             cfg.data.input_dir = str(ct.ensure_validated("").resolve())
         rows = ct.load_rows(cfg.data.input_dir)
         if not cfg.model.init:  # the embedded tiny checkpoint, pretrained on first use
-            cfg.model.init = str(ct.ensure_embedded_pretrained(cfg))
-    except (ValueError, FileNotFoundError) as e:
+            cfg.model.init = str(ct.default_init(cfg))
+        evals = ct.fit(cfg, rows)
+    except (ValueError, FileNotFoundError) as e:  # ConfigError included
         print(f"contrastive: error: {e}", file=sys.stderr)
         return 2
-    evals = ct.run_contrastive(cfg, rows)
-    out = Path(cfg.run.output_dir).resolve()
     print(json.dumps({"before": evals["before"], "after": evals["after"]}, indent=2))
-    print(f"contrastive: output dir {out}")
+    print(f"contrastive: run dir {cfg.run_dir}")
     return 0
 
 

@@ -20,7 +20,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout / `--working-dir .`
 
-from pipelines.pretrain import DEFAULT_CONFIG, METRICS_FILE, build_trainer, load_pretrain_config  # noqa: E402
+from pipelines.train.config import ConfigError  # noqa: E402
+from pipelines.train.pretrain import DEFAULT_CONFIG, fit, load_pretrain_config  # noqa: E402
+from pipelines.train.sinks import METRICS_FILE  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,7 +34,11 @@ def main(argv: list[str] | None = None) -> int:
         "--address", default=None, help="Ray address; default: $RAY_ADDRESS, else start locally"
     )
     args, overrides = parser.parse_known_args(argv)
-    cfg = load_pretrain_config(args.config, overrides)
+    try:
+        cfg = load_pretrain_config(args.config, overrides)
+    except ValueError as e:
+        print(f"pretrain: error: {e}", file=sys.stderr)
+        return 2
 
     from pipelines.ray_session import init_ray
 
@@ -41,7 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     init_ray(args.address, REPO, local_num_cpus=max(4, os.cpu_count() or 1))
 
     try:
-        result = build_trainer(cfg).fit()  # Ray Train V2 raises when the run fails for good
+        result = fit(cfg)  # Ray Train V2 raises when the run fails for good
+    except ConfigError as e:
+        print(f"pretrain: error: {e}", file=sys.stderr)
+        return 2
     except BaseException:
         print(f"run dir: {cfg.run_dir}\nmetrics: {os.path.join(cfg.run_dir, METRICS_FILE)}", file=sys.stderr)
         print("training failed; the latest checkpoint (if any) is under the run dir", file=sys.stderr)

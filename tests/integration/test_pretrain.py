@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 pytestmark = pytest.mark.integration
 
@@ -62,10 +63,11 @@ def trace(run_dir: Path, rank: int) -> list[dict]:
 
 
 def fit(argv: list[str]):
-    from pipelines.pretrain import build_trainer, load_pretrain_config
+    from pipelines.train.pretrain import fit as fit_pretrain
+    from pipelines.train.pretrain import load_pretrain_config
 
     cfg = load_pretrain_config(None, argv)
-    return cfg, build_trainer(cfg).fit()
+    return cfg, fit_pretrain(cfg)
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +136,7 @@ def run_b(ray_session, run_a, packed_dir, tmp_path_factory):
 
 def train_state(checkpoint) -> dict:
     with checkpoint.as_directory() as d:
-        return torch.load(Path(d) / "train_state.pt", map_location="cpu", weights_only=False)
+        return json.loads((Path(d) / "train_state.json").read_text())
 
 
 def test_job_submit_trains_loss_decreases_metrics_and_checkpoint(run_a):
@@ -161,12 +163,20 @@ def test_job_submit_trains_loss_decreases_metrics_and_checkpoint(run_a):
     assert last < first - 0.5, (first, last)
     evals = [r for r in records if "eval/loss" in r]
     assert evals and evals[-1]["step"] == 10 and evals[-1]["eval/loss"] < 10.4  # ln(30522) = 10.33 at init
-    state = torch.load(Path(final) / "train_state.pt", map_location="cpu", weights_only=False)
+    state = json.loads((Path(final) / "train_state.json").read_text())
     assert state["step"] == 10 and state["world_size"] == 2
-    assert (state["epoch"], state["batches_in_epoch"]) == (
-        1,
-        5,
-    )  # 5 micro-batches per epoch: 2 epochs exactly
+    # 5 micro-batches of 4 rows per epoch: 2 epochs exactly
+    assert (state["data"]["epoch"], state["data"]["rows_consumed_in_epoch"]) == (1, 20)
+    assert set(torch.load(Path(final) / "train_state.pt", weights_only=False)["rng"]) == {
+        "python",
+        "numpy",
+        "torch",
+        "cuda",
+    }
+    saved_cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved_cfg["train"]["num_steps"] == 10 and saved_cfg["checkpoint"]["storage_path"] == str(
+        run_dir.parent
+    )
     from neobert.checkpoint import load_mlm
 
     model = load_mlm(final)
@@ -204,9 +214,10 @@ def test_resume_continues_at_next_step_and_unseen_rows(run_a, run_b):
     run_dir, _, _, resumed, after_crash = run_b
     assert resumed.error is None
     state = train_state(resumed.checkpoint)
-    ref_state = {"epoch": 1, "batches_in_epoch": 5}  # the uninterrupted run's final position (checked above)
-    assert state["step"] == 10
-    assert (state["epoch"], state["batches_in_epoch"]) == (ref_state["epoch"], ref_state["batches_in_epoch"])
+    # the uninterrupted run's final position (checked above)
+    assert (
+        state["step"] == 10 and state["data"]["epoch"] == 1 and state["data"]["rows_consumed_in_epoch"] == 20
+    )
     for rank in (0, 1):
         got = trace(run_dir, rank)[after_crash[rank] :]
         assert [r["step"] for r in got] == [7, 8, 9, 10]

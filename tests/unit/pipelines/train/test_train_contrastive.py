@@ -7,8 +7,9 @@ import pyarrow as pa
 import pytest
 import torch
 
-from pipelines import contrastive_train as ct
 from pipelines.tokenizer import CLS_ID, SEP_ID
+from pipelines.train import contrastive_data as ct
+from pipelines.train import contrastive_init as ci
 
 
 def _sampler(sources, **kw):
@@ -120,9 +121,9 @@ def test_eval_set_dedups_corpus():
 
 def test_resolve_init_errors_and_hf_roundtrip(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
-        ct.resolve_init(tmp_path / "nope")
+        ci.resolve_init(tmp_path / "nope")
     with pytest.raises(ValueError, match="neither"):
-        ct.resolve_init(tmp_path)
+        ci.resolve_init(tmp_path)
     from neobert.checkpoint import save_model_dir
     from neobert.export import export_hf
     from neobert.model import NeoBERT, NeoBERTConfig
@@ -133,13 +134,13 @@ def test_resolve_init_errors_and_hf_roundtrip(tmp_path):
     torch.manual_seed(0)
     model = NeoBERT(cfg)
     save_model_dir(tmp_path / "ckpt" / "model", model, cfg, kind="encoder", pooling="mean")
-    assert ct.resolve_init(tmp_path / "ckpt") == tmp_path / "ckpt" / "model"
-    enc_md, cfg_md, pooling_md = ct.load_init_encoder(tmp_path / "ckpt")  # the model-dir path
+    assert ci.resolve_init(tmp_path / "ckpt") == tmp_path / "ckpt" / "model"
+    enc_md, cfg_md, pooling_md = ci.load_init_encoder(tmp_path / "ckpt")  # the model-dir path
     assert cfg_md == cfg and pooling_md == "mean"
     want = model.state_dict()
     assert all(torch.equal(v, want[k]) for k, v in enc_md.state_dict().items())
     export_hf(tmp_path / "ckpt", tmp_path / "hf", tokenizer_dir=default_tokenizer_dir(), parity=False)
-    enc, cfg2, pooling = ct.load_init_encoder(tmp_path / "hf")
+    enc, cfg2, pooling = ci.load_init_encoder(tmp_path / "hf")
     assert cfg2.ffn_hidden_size == cfg.ffn_hidden_size and pooling == "mean"
     meta = PackedMeta.from_lengths([4, 9])
     ids = torch.randint(1000, 2000, (13,))
