@@ -104,9 +104,10 @@ class ScalingSection:
 @dataclass
 class FailureSection:
     max_failures: int = 0  # worker-group restarts from the latest checkpoint (-1 = unlimited)
-    inject_failure_at_step: int = (
-        0  # tests: the last rank raises at this step of an attempt that did not resume
-    )
+    inject_failure_at_step: int = 0  # tests: a worker fails at this step of an attempt that did not resume
+    # tests: "raise" = the last rank raises after the step; "kill" = it SIGKILLs itself there;
+    # "kill_in_checkpoint" = rank 0 SIGKILLs itself while it writes that step's checkpoint
+    inject_failure_mode: Literal["raise", "kill", "kill_in_checkpoint"] = "raise"
 
     def __post_init__(self) -> None:
         if self.max_failures < -1:
@@ -165,6 +166,16 @@ class TrainJobConfig:
             if f.inject_failure_at_step > t.num_steps:
                 raise ValueError(
                     f"failure.inject_failure_at_step={f.inject_failure_at_step} > train.num_steps={t.num_steps}"
+                )
+            step = f.inject_failure_at_step
+            if (
+                f.inject_failure_mode == "kill_in_checkpoint"
+                and step % ck.every_steps
+                and step != t.num_steps
+            ):
+                raise ValueError(
+                    f"failure.inject_failure_mode=kill_in_checkpoint needs a checkpoint step, but "
+                    f"failure.inject_failure_at_step={step} is not a multiple of checkpoint.every_steps={ck.every_steps}"
                 )
 
     @property

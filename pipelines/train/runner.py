@@ -30,8 +30,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import random
 import shutil
+import signal
 import tempfile
 import time
 from collections.abc import Callable
@@ -223,6 +225,9 @@ class TrainRunner:
         if self.device.type == "cuda" and rng.get("cuda") is not None:
             torch.cuda.set_rng_state(rng["cuda"], self.device)
         self.step, self.data_state = int(meta["step"]), meta["data"]
+        # The open metrics window, summed over the ranks when it was saved: rank 0 carries it, the others add zeros,
+        # so the first window after a resume logs what an uninterrupted run logs.
+        self.window.sums = {k: (v if self.rank == 0 else 0.0) for k, v in meta.get("window", {}).items()}
         self.load_job_state(meta.get("job", {}))
         self.resumed = True
         if self.sinks:
@@ -257,6 +262,13 @@ class TrainRunner:
         self.window = MetricWindow()
         self.emit(metrics)
         return metrics
+
+    def window_sums(self) -> dict[str, float]:
+        """The open window's sums over all ranks (every rank calls it: a collective when the window is open)."""
+        keys = sorted(self.window.sums)
+        if not keys:
+            return {}
+        return dict(zip(keys, self.all_reduce([float(self.window.sums[k]) for k in keys]), strict=True))
 
     def run_eval(self) -> dict[str, float]:
         metrics = self.evaluate()
@@ -294,6 +306,7 @@ class TrainRunner:
         from ray.train import Checkpoint
 
         report = {"step": self.step, **metrics}
+        window = self.window_sums()
         if self.rank != 0:
             ray.train.report(report, checkpoint=None)
             self.files.sync()
@@ -301,8 +314,11 @@ class TrainRunner:
         tmp = Path(tempfile.mkdtemp(prefix=f"neobert-{self.job}-ckpt-"))
         try:
             self.save_model(tmp / "model")
+            if self.injecting("kill_in_checkpoint"):
+                os.kill(os.getpid(), signal.SIGKILL)  # half a checkpoint written: model/ but no train state
             meta = {
                 "step": self.step,
+                "window": window,
                 "data": self.data_state,
                 "world_size": self.world,
                 "job": self.job_state(),
@@ -326,12 +342,29 @@ class TrainRunner:
         self.sinks.flush()
         self.files.sync()
 
+    def injecting(self, mode: str) -> bool:
+        """Whether the failure of `failure.inject_failure_mode=mode` is due now on this rank: an attempt that did
+        not resume, at the step; the last rank, or rank 0 (the writer) for a kill during the checkpoint write."""
+        f = self.cfg.failure
+        rank = 0 if mode == "kill_in_checkpoint" else self.world - 1
+        due = f.inject_failure_at_step == self.step and f.inject_failure_mode == mode
+        if not (due and not self.resumed and self.rank == rank):
+            return False
+        # Ray registers a reported checkpoint when its controller polls the workers; a worker that dies first takes
+        # the report with it. Fail only once a checkpoint is registered, so the restart resumes (as the rule says).
+        deadline = time.monotonic() + 60
+        while not rd.complete_checkpoints(self.cfg.run_dir) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return True
+
     def maybe_inject_failure(self) -> None:
-        f = self.cfg.failure.inject_failure_at_step
-        if f and self.step == f and not self.resumed and self.rank == self.world - 1:
+        if self.injecting("raise"):
             raise RuntimeError(
-                f"injected worker failure at step {self.step} (failure.inject_failure_at_step={f})"
+                f"injected worker failure at step {self.step} "
+                f"(failure.inject_failure_at_step={self.cfg.failure.inject_failure_at_step})"
             )
+        if self.injecting("kill"):
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def final_report(self) -> None:
         if self.sinks:

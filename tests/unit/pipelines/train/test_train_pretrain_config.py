@@ -53,6 +53,10 @@ def test_round_trip_and_pickle():
         (["--train.tokens_per_micro_batch", "100"], "tokens_per_micro_batch=100 < data.pack_tokens=512"),
         (["--data.pack_tokens", "2048", "--train.tokens_per_micro_batch", "4096"], "max_position_embeddings"),
         (["--failure.inject_failure_at_step", "3"], "after the first checkpoint"),
+        (
+            ["--failure.inject_failure_at_step", "25", "--failure.inject_failure_mode", "kill_in_checkpoint"],
+            "needs a checkpoint step",
+        ),
         (["--train.warmup_steps", "1000"], "warmup_steps"),
         (["--train.mask_prob", "0"], "mask_prob"),
         (["--trian.lr", "1"], "unknown config key"),
@@ -145,3 +149,18 @@ def test_missing_logger_package_fails_up_front(monkeypatch):
     with pytest.raises(ValueError, match=r"wandb package.*\.\[tracking\]"):
         check_optional_packages(load_pretrain_config(None, ["--logging.wandb", "true"]))
     check_optional_packages(load_pretrain_config(None, []))  # nothing enabled: nothing needed
+
+
+def test_packed_dir_of_another_pack_size_is_refused_on_the_driver_with_both_fixes(tmp_path):
+    from pipelines.train.config import ConfigError
+    from pipelines.train.pretrain import check_packed_dir
+
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "part-00000.parquet").write_bytes(b"")
+    cfg = load_pretrain_config(None, ["--data.packed_dir", str(tmp_path)])
+    check_packed_dir(cfg)  # no report.json: nothing to compare (the collate checks every row)
+    (tmp_path / "report.json").write_text(json.dumps({"config": {"pack_tokens": 8192}}))
+    with pytest.raises(ConfigError, match=r"packed to 8192.*--data.pack_tokens 8192.*--pack-tokens 512"):
+        check_packed_dir(cfg)
+    (tmp_path / "report.json").write_text(json.dumps({"config": {"pack_tokens": 512}}))
+    check_packed_dir(cfg)

@@ -242,22 +242,9 @@ def row_masks(runner, table, groups, keys):
 
 
 def _packed(n_rows: int):
-    import numpy as np
-    import pyarrow as pa
+    from test_train_collate import packed_table  # the collate tests' packed-row builder (same folder)
 
-    from neobert.schema import PACKED_SCHEMA
-
-    rng = np.random.default_rng(0)
-    cols = {k: [] for k in PACKED_SCHEMA.names}
-    for _ in range(n_rows):
-        lengths = [int(x) for x in rng.integers(5, 30, 2)]
-        cols["input_ids"].append([int(x) for x in rng.integers(1000, 2000, sum(lengths))])
-        cols["position_ids"].append([p for n in lengths for p in range(n)])
-        cols["cu_seqlens"].append([0, *np.cumsum(lengths).tolist()])
-        cols["max_seqlen"].append(max(lengths))
-        cols["num_tokens"].append(sum(lengths))
-        cols["num_segments"].append(len(lengths))
-    return pa.Table.from_pydict(cols, schema=PACKED_SCHEMA)
+    return packed_table([[5 + 3 * r, 20 - r] for r in range(n_rows)])
 
 
 def test_row_masks_are_independent_of_micro_batch_layout():
@@ -289,3 +276,29 @@ def test_configs_pickle_and_round_trip():
     for cfg in (load_pretrain_config(), load_contrastive_config()):
         assert from_dict(type(cfg), to_dict(cfg)) == cfg and pickle.loads(pickle.dumps(cfg)) == cfg
     assert isinstance(load_contrastive_config(), ContrastiveConfig)
+
+
+@pytest.mark.parametrize(
+    ("mode", "rank", "step", "resumed", "due"),
+    [
+        ("raise", 1, 6, False, {"raise"}),
+        ("kill", 1, 6, False, {"kill"}),
+        ("kill", 0, 6, False, set()),  # the last rank fails, not rank 0
+        ("kill_in_checkpoint", 0, 6, False, {"kill_in_checkpoint"}),  # rank 0 writes the checkpoint
+        ("kill_in_checkpoint", 1, 6, False, set()),
+        ("raise", 1, 5, False, set()),
+        ("raise", 1, 6, True, set()),  # a resumed attempt never fails again
+    ],
+)
+def test_failure_injection_rule_is_one_for_every_job(tmp_path, mode, rank, step, resumed, due):
+    from pipelines.train.runner import TrainRunner
+
+    fake_checkpoint(
+        tmp_path / "r", "checkpoint_2026-01-01_00-00-01.000000", shard_state()
+    )  # a registered one
+    argv = ["--checkpoint.storage_path", str(tmp_path), "--checkpoint.name", "r", "--failure.inject_failure_at_step", "6", "--failure.inject_failure_mode", mode,
+            "--checkpoint.every_steps", "3", "--train.num_steps", "10"]  # fmt: skip
+    for cfg in (load_pretrain_config(None, argv), load_contrastive_config(None, argv)):
+        runner = TrainRunner.__new__(TrainRunner)
+        runner.cfg, runner.rank, runner.world, runner.step, runner.resumed = cfg, rank, 2, step, resumed
+        assert {m for m in ("raise", "kill", "kill_in_checkpoint") if runner.injecting(m)} == due
