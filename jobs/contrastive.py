@@ -3,13 +3,14 @@
   python jobs/contrastive.py                                  # embedded sources + embedded tiny checkpoint, 2 CPU workers
   python jobs/contrastive.py --config configs/contrastive_1gpu.yaml
   python jobs/contrastive.py --init outputs/pretrain/neobert-tiny --data.input_dir outputs/contrastive \\
-      --train.max_steps 500 --run.output_dir outputs/my_embedder
+      --train.num_steps 500 --checkpoint.name my_embedder
   ray job submit --working-dir . -- python jobs/contrastive.py --init /shared/ckpt --data.input_dir /shared/val
 
 --init: a pretraining run dir, checkpoint or model dir (jobs/pretrain.py), an HF export dir, or random:<preset>.
 --data.input_dir: a dir written by `jobs/validate_contrastive.py --output DIR` (unvalidated input is refused);
-empty = the embedded sources, validated on first use. Writes OUTPUT/{eval.json, metrics.jsonl, model/, ray/} and
-prints OUTPUT at the end. Re-running with the same output dir resumes from its latest checkpoint.
+empty = the embedded sources, validated on first use. Writes the run dir checkpoint.storage_path/checkpoint.name
+(config.yaml, metrics.jsonl, checkpoints, eval.json, model/) and prints it at the end. Re-running with the same
+run dir resumes from its latest checkpoint.
 Under `ray job submit` (RAY_ADDRESS set) it joins that cluster, otherwise it starts Ray in-process.
 See docs/contrastive.md.
 """
@@ -25,10 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from neobert.checkpoint import resolve_model_dir  # noqa: E402
 from pipelines import cli, contracts  # noqa: E402
-from pipelines import contrastive_train as ct  # noqa: E402
 from pipelines.contrastive.validate import MARKER_NAME  # noqa: E402
+from pipelines.train import contrastive as ct  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 FLAGS = (
     cli.Flag(("--init",), "model.init", "pretraining checkpoint / model dir / HF export / random:<preset>",
              metavar="PATH"),
@@ -53,10 +53,10 @@ def run(cfg: ct.ContrastiveConfig, ctx: cli.Context) -> int:
         cfg.data.input_dir = str(ct.ensure_validated("").resolve())
     rows = ct.load_rows(cfg.data.input_dir)
     if not cfg.model.init:  # the embedded tiny checkpoint, pretrained on first use
-        cfg.model.init = str(ct.ensure_embedded_pretrained(cfg))
-    evals = ct.run_contrastive(cfg, rows)
+        cfg.model.init = str(ct.default_init(cfg))
+    evals = ct.fit(cfg, rows)
     print(json.dumps({"before": evals["before"], "after": evals["after"]}, indent=2))
-    print(f"contrastive: output dir {Path(cfg.run.output_dir).resolve()}")
+    print(f"contrastive: run dir {cfg.run_dir}")
     return 0
 
 
@@ -64,12 +64,18 @@ SPEC = cli.JobSpec(
     name="contrastive",
     doc=__doc__,
     config_cls=ct.ContrastiveConfig,
-    default_config=REPO / "configs" / "contrastive.yaml",
+    default_config=ct.DEFAULT_CONFIG,
+    load=ct.load_contrastive_config,
     flags=FLAGS,
     prepare=prepare,
-    output_keys=("run.output_dir",),
+    output_keys=("checkpoint.storage_path",),
     input_keys=("data.input_dir", "data.tokenizer", "model.init"),
 )
 
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.main(SPEC, run, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(cli.main(SPEC, run))
+    sys.exit(main())

@@ -20,13 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout / `--working-dir .`
 
 from pipelines import cli, contracts  # noqa: E402
-from pipelines.pretrain import (  # noqa: E402
-    DEFAULT_CONFIG,
-    METRICS_FILE,
-    PretrainConfig,
-    build_trainer,
-    load_pretrain_config,
-)
+from pipelines.train.pretrain import DEFAULT_CONFIG, PretrainConfig, fit, load_pretrain_config  # noqa: E402
+from pipelines.train.sinks import METRICS_FILE  # noqa: E402
 
 
 def prepare(cfg: PretrainConfig, ctx: cli.Context) -> list[str]:
@@ -50,7 +45,7 @@ def run(cfg: PretrainConfig, ctx: cli.Context) -> int:
     # >= 4 logical CPUs locally so Train workers and Ray Data tasks fit on small boxes
     ctx.init_ray(local_num_cpus=max(4, os.cpu_count() or 1))
     print(f"run dir: {cfg.run_dir}", flush=True)
-    result = build_trainer(cfg).fit()  # Ray Train V2 raises when the run fails for good
+    result = fit(cfg)  # Ray Train V2 raises when the run fails for good
     print(f"metrics: {os.path.join(cfg.run_dir, METRICS_FILE)}")
     print(f"final checkpoint: {result.checkpoint.path if result.checkpoint else None}")
     if result.error:
@@ -69,5 +64,10 @@ SPEC = cli.JobSpec(
     input_keys=("data.packed_dir",),
 )
 
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.main(SPEC, run, argv)
+
+
 if __name__ == "__main__":
-    sys.exit(cli.main(SPEC, run))
+    sys.exit(main())

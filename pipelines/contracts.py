@@ -72,7 +72,8 @@ def packed_pack_tokens(packed_dir: str, pack_tokens: int, *, user_set: bool) -> 
     fail later inside the workers.
     """
     report = read_packed_report(packed_dir)
-    data_pack = (report or {}).get("pack_tokens")
+    report = report or {}
+    data_pack = report.get("pack_tokens", (report.get("config") or {}).get("pack_tokens"))
     if not isinstance(data_pack, int):
         return pack_tokens
     if data_pack == pack_tokens:

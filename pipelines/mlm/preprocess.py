@@ -373,6 +373,7 @@ def _preprocess_into(
     for w in warnings:
         log.warning("preprocess: %s", w)
     common = {
+        "pack_tokens": cfg.pack_tokens,  # the contract jobs/pretrain.py checks (pipelines.contracts)
         "inputs": [dataclasses.asdict(f) for f in files],
         "skipped_input_files": skipped,
         "config": to_dict(cfg),

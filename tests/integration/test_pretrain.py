@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 pytestmark = pytest.mark.integration
 
@@ -62,10 +63,11 @@ def trace(run_dir: Path, rank: int) -> list[dict]:
 
 
 def fit(argv: list[str]):
-    from pipelines.pretrain import build_trainer, load_pretrain_config
+    from pipelines.train.pretrain import fit as fit_pretrain
+    from pipelines.train.pretrain import load_pretrain_config
 
     cfg = load_pretrain_config(None, argv)
-    return cfg, build_trainer(cfg).fit()
+    return cfg, fit_pretrain(cfg)
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +136,7 @@ def run_b(ray_session, run_a, packed_dir, tmp_path_factory):
 
 def train_state(checkpoint) -> dict:
     with checkpoint.as_directory() as d:
-        return torch.load(Path(d) / "train_state.pt", map_location="cpu", weights_only=False)
+        return json.loads((Path(d) / "train_state.json").read_text())
 
 
 def test_job_submit_trains_loss_decreases_metrics_and_checkpoint(run_a):
@@ -161,12 +163,20 @@ def test_job_submit_trains_loss_decreases_metrics_and_checkpoint(run_a):
     assert last < first - 0.5, (first, last)
     evals = [r for r in records if "eval/loss" in r]
     assert evals and evals[-1]["step"] == 10 and evals[-1]["eval/loss"] < 10.4  # ln(30522) = 10.33 at init
-    state = torch.load(Path(final) / "train_state.pt", map_location="cpu", weights_only=False)
+    state = json.loads((Path(final) / "train_state.json").read_text())
     assert state["step"] == 10 and state["world_size"] == 2
-    assert (state["epoch"], state["batches_in_epoch"]) == (
-        1,
-        5,
-    )  # 5 micro-batches per epoch: 2 epochs exactly
+    # 5 micro-batches of 4 rows per epoch: 2 epochs exactly
+    assert (state["data"]["epoch"], state["data"]["rows_consumed_in_epoch"]) == (1, 20)
+    assert set(torch.load(Path(final) / "train_state.pt", weights_only=False)["rng"]) == {
+        "python",
+        "numpy",
+        "torch",
+        "cuda",
+    }
+    saved_cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved_cfg["train"]["num_steps"] == 10 and saved_cfg["checkpoint"]["storage_path"] == str(
+        run_dir.parent
+    )
     from neobert.checkpoint import load_mlm
 
     model = load_mlm(final)
@@ -204,11 +214,73 @@ def test_resume_continues_at_next_step_and_unseen_rows(run_a, run_b):
     run_dir, _, _, resumed, after_crash = run_b
     assert resumed.error is None
     state = train_state(resumed.checkpoint)
-    ref_state = {"epoch": 1, "batches_in_epoch": 5}  # the uninterrupted run's final position (checked above)
-    assert state["step"] == 10
-    assert (state["epoch"], state["batches_in_epoch"]) == (ref_state["epoch"], ref_state["batches_in_epoch"])
+    # the uninterrupted run's final position (checked above)
+    assert (
+        state["step"] == 10 and state["data"]["epoch"] == 1 and state["data"]["rows_consumed_in_epoch"] == 20
+    )
     for rank in (0, 1):
         got = trace(run_dir, rank)[after_crash[rank] :]
         assert [r["step"] for r in got] == [7, 8, 9, 10]
         ref = {r["step"]: (r["sha"], r["epoch"]) for r in trace(a_dir, rank)}
         assert [(r["sha"], r["epoch"]) for r in got] == [ref[r["step"]] for r in got], f"rank {rank}"
+
+
+KILL_SEED = 2026
+
+
+@pytest.fixture(scope="module")
+def run_killed(ray_session, run_a, packed_dir, tmp_path_factory):
+    """The reference run's settings (10 steps) on the packed corpus, with a worker SIGKILLed at a seeded random
+    step: once after a step (the last rank) and once while rank 0 writes a checkpoint. Each restarts from the
+    latest complete checkpoint (failure.max_failures=1)."""
+    import random
+
+    rng = random.Random(KILL_SEED)
+    every = 3
+    cases = {
+        "kill": rng.randint(every + 1, 10),  # any step after the first checkpoint
+        "kill_in_checkpoint": rng.choice([6, 9]),  # a checkpoint step after the first one
+    }
+    storage = tmp_path_factory.mktemp("runs")
+    out = {}
+    for mode, step in cases.items():
+        extra = {
+            "data.packed_dir": str(packed_dir), "logging.num_eval_batches": 0, "checkpoint.every_steps": every,
+            "failure.max_failures": 1, "failure.inject_failure_at_step": step, "failure.inject_failure_mode": mode,
+        }  # fmt: skip
+        _, result = fit(overrides(storage, mode, **extra))
+        out[mode] = (storage / mode, step, result)
+    return out
+
+
+@pytest.mark.parametrize("mode", ["kill", "kill_in_checkpoint"])
+def test_sigkilled_worker_resumes_with_the_losses_and_rows_of_an_uninterrupted_run(run_a, run_killed, mode):
+    a_dir = run_a[0]
+    run_dir, step, result = run_killed[mode]
+    assert result.error is None and train_state(result.checkpoint)["step"] == 10
+    for rank in (0, 1):
+        got = trace(run_dir, rank)
+        steps = [r["step"] for r in got]
+        # steps 1..k ran (k = the killed step), then the restart resumed from a complete checkpoint c <= k (step k's
+        # own only if it was complete before the kill) and ran c+1..10
+        assert steps[:step] == list(range(1, step + 1)), (mode, step, steps)
+        resumed_at = steps[step] - 1
+        assert resumed_at in (3, 6, 9) and step - 3 <= resumed_at <= step, (mode, step, steps)
+        if mode == "kill_in_checkpoint":
+            assert resumed_at == step - 3, "a checkpoint whose write was killed must not be loaded"
+        assert steps[step:] == list(range(resumed_at + 1, 11)), (mode, step, steps)
+        ref = {r["step"]: (r["rows_sha"], r["sha"]) for r in trace(a_dir, rank)}
+        assert [(r["rows_sha"], r["sha"]) for r in got] == [ref[s] for s in steps], f"{mode} rank {rank}"
+    ref_loss = {r["step"]: r["train/loss"] for r in read_jsonl(a_dir / "metrics.jsonl") if "train/loss" in r}
+    got_loss = {
+        r["step"]: r["train/loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in r
+    }
+    assert sorted(got_loss) == sorted(ref_loss) == [2, 4, 6, 8, 10]
+    diff = max(abs(got_loss[s] - ref_loss[s]) for s in ref_loss)
+    print(f"{mode} at step {step}: max |loss - uninterrupted loss| = {diff:.3g}")
+    assert diff < 1e-5, (got_loss, ref_loss)
+    # no checkpoint dir of the killed write is left behind, and Ray's snapshot lists every one that is
+    from pipelines.train.run_dir import complete_checkpoints
+
+    dirs = sorted(p.name for p in run_dir.glob("checkpoint_*") if p.is_dir())
+    assert dirs == complete_checkpoints(str(run_dir)) and len(dirs) <= 2

@@ -15,7 +15,7 @@ import ray
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-from pipelines.pretrain import load_pretrain_config
+from pipelines.train.pretrain import load_pretrain_config
 
 ROOT = Path(__file__).resolve().parents[2]
 AWS = ROOT / "ray_cluster.yaml"

@@ -1,5 +1,4 @@
-"""EpochPrefetcher (the train loader's background thread, epoch after epoch) and the runner's position tracking,
-without Ray: a fake shard whose epochs cost time to start, like a restarted streaming execution."""
+"""EpochPrefetcher (the train loader's background thread, epoch after epoch), without Ray: a fake shard whose epochs cost time to start, like a restarted streaming execution."""
 
 from __future__ import annotations
 
@@ -10,7 +9,7 @@ from collections import defaultdict
 
 import pytest
 
-from pipelines.pretrain import EpochEnd, EpochPrefetcher, PretrainRunner, load_pretrain_config
+from pipelines.train.prefetch import EpochEnd, EpochPrefetcher
 
 
 class FakeShard:
@@ -182,45 +181,3 @@ def test_empty_or_short_epoch_ends_the_stream_after_its_marker(num_batches, skip
 def test_bad_arguments_are_rejected():
     with pytest.raises(ValueError, match="queue_size >= 1"):
         EpochPrefetcher(iter, queue_size=0)
-
-
-# -- the runner's position tracking (what a checkpoint stores) -------------------------------------------------
-def bare_runner(epoch=0, batches_in_epoch=0) -> PretrainRunner:
-    """The runner's data-position attributes only (its __init__ needs a Ray Train worker)."""
-    runner = PretrainRunner.__new__(PretrainRunner)
-    runner.cfg = load_pretrain_config()
-    runner.rank, runner.world = 0, 1
-    runner.epoch, runner.batches_in_epoch = epoch, batches_in_epoch
-    return runner
-
-
-def test_runner_position_is_what_the_steps_consumed_not_what_was_read_ahead():
-    shard = FakeShard(num_batches=3)
-    runner = bare_runner(epoch=1, batches_in_epoch=2)  # resumed mid-epoch 1
-    with EpochPrefetcher(shard.iter_batches, start_epoch=1, skip=2, max_batches=5, queue_size=4) as stream:
-        batches = runner.micro_batches(stream)
-        positions = []
-        for _ in range(5):
-            batch = next(batches)
-            time.sleep(0.02)  # let the thread run ahead
-            positions.append((batch, runner.epoch, runner.batches_in_epoch))
-        with pytest.raises(RuntimeError, match="train stream ended"):  # budget spent: a bug if asked for more
-            next(batches)
-    assert positions == [
-        ("e1b2", 1, 3),
-        ("e2b0", 2, 1), ("e2b1", 2, 2), ("e2b2", 2, 3),
-        ("e3b0", 3, 1),
-    ]  # fmt: skip
-    assert shard.opened == [1, 2, 3]
-
-
-@pytest.mark.parametrize(
-    ("num_batches", "epoch", "skip", "match"),
-    [(0, 0, 0, "yielded no full micro-batch"), (2, 3, 4, "resume position 4 micro-batches is past the end")],
-)
-def test_runner_rejects_empty_epochs_and_resume_past_the_end(num_batches, epoch, skip, match):
-    runner = bare_runner(epoch=epoch, batches_in_epoch=skip)
-    shard = FakeShard(num_batches=num_batches)
-    stream = EpochPrefetcher(shard.iter_batches, start_epoch=epoch, skip=skip, max_batches=10)
-    with stream, pytest.raises(ValueError, match=match):
-        next(runner.micro_batches(stream))

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pytest
 
 from neobert.schema import PACKED_SCHEMA
-from pipelines.collate import PackedCollateFn, collate_packed
+from pipelines.train.collate import PackedCollateFn, collate_packed
 
 
 def packed_table(rows_of_lengths: list[list[int]], seed: int = 0) -> pa.Table:

@@ -10,6 +10,10 @@ A micro-batch is `R` packed rows concatenated into a single token stream of exac
                                never exceeds the model's max_position_embeddings nor costs quadratic attention)
     max_seqlen    Python int   max over the rows' `max_seqlen` column and the padding segment(s) (no GPU sync)
     num_tokens    Python int   real (non-padding) tokens
+    row_offsets   (R+1,) int64 where each packed row starts in the stream (masking runs row by row)
+    row_keys      (R,) int64   a key per packed row, set by the data source (`pipelines.train.data.StepSource`);
+                               the MLM mask of a row is a function of (train.seed, row key) only, so it does not
+                               depend on how rows are grouped into micro-batches, ranks or steps. -1 = not set yet
 
 T is fixed (static shapes for torch.compile / CUDA graphs); S varies with the number of documents. Labels of
 the padding are -100 automatically: PAD is a special id that masking never selects.
@@ -48,6 +52,16 @@ class PackedBatch:
     num_tokens: int  # real tokens; T - num_tokens are padding
     num_rows: int
     sum_sq_seqlens: int  # sum of squared real document lengths (attention FLOPs for MFU)
+    row_offsets: torch.Tensor  # (R+1,) int64
+    row_keys: torch.Tensor  # (R,) int64; -1 until the data source sets them
+
+    def with_row_keys(self, keys: np.ndarray | torch.Tensor) -> PackedBatch:
+        """Set the row keys (in place; returns self)."""
+        keys = torch.as_tensor(np.asarray(keys, dtype=np.int64))
+        if keys.shape != (self.num_rows,):
+            raise ValueError(f"row_keys must have shape ({self.num_rows},), got {tuple(keys.shape)}")
+        self.row_keys = keys
+        return self
 
 
 def collate_packed(
@@ -101,6 +115,8 @@ def collate_packed(
         num_tokens=n,
         num_rows=table.num_rows,
         sum_sq_seqlens=int((seg.astype(np.int64) ** 2).sum()),
+        row_offsets=torch.from_numpy(ids_off.copy()),
+        row_keys=torch.full((table.num_rows,), -1, dtype=torch.int64),
     )
 
 

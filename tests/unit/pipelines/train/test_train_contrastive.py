@@ -7,8 +7,9 @@ import pyarrow as pa
 import pytest
 import torch
 
-from pipelines import contrastive_train as ct
 from pipelines.tokenizer import CLS_ID, SEP_ID
+from pipelines.train import contrastive_data as ct
+from pipelines.train import contrastive_init as ci
 
 
 def _sampler(sources, **kw):
@@ -127,7 +128,7 @@ def test_resolve_init_errors_and_hf_roundtrip(tmp_path):
     with pytest.raises(ValueError, match="is not a NeoBERT model dir"):
         resolve_model_dir(tmp_path)
     with pytest.raises(ValueError, match="model.init: .*does not exist"):
-        ct.load_init_encoder(tmp_path / "nope")
+        ci.load_init_encoder(tmp_path / "nope")
     from neobert.model import NeoBERT, NeoBERTConfig
     from neobert.packing import PackedMeta
     from pipelines.tokenizer import default_tokenizer_dir
@@ -137,12 +138,12 @@ def test_resolve_init_errors_and_hf_roundtrip(tmp_path):
     model = NeoBERT(cfg)
     save_model_dir(tmp_path / "ckpt" / "model", model, cfg, kind="encoder", pooling="mean")
     assert resolve_model_dir(tmp_path / "ckpt") == tmp_path / "ckpt" / "model"
-    enc_md, cfg_md, pooling_md = ct.load_init_encoder(tmp_path / "ckpt")  # the model-dir path
+    enc_md, cfg_md, pooling_md = ci.load_init_encoder(tmp_path / "ckpt")  # the model-dir path
     assert cfg_md == cfg and pooling_md == "mean"
     want = model.state_dict()
     assert all(torch.equal(v, want[k]) for k, v in enc_md.state_dict().items())
     export_hf(tmp_path / "ckpt", tmp_path / "hf", tokenizer_dir=default_tokenizer_dir(), parity=False)
-    enc, cfg2, pooling = ct.load_init_encoder(tmp_path / "hf")
+    enc, cfg2, pooling = ci.load_init_encoder(tmp_path / "hf")
     assert cfg2.ffn_hidden_size == cfg.ffn_hidden_size and pooling == "mean"
     meta = PackedMeta.from_lengths([4, 9])
     ids = torch.randint(1000, 2000, (13,))

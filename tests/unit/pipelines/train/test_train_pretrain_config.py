@@ -1,4 +1,4 @@
-"""PretrainConfig: YAML presets + dotted overrides, validation with actionable errors, pickling (no Ray)."""
+"""PretrainConfig (pipelines.train.pretrain): YAML presets + dotted overrides, validation with actionable errors, pickling (no Ray)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 
 from neobert.config_io import from_dict, to_dict
 from neobert.model import NeoBERTConfig
-from pipelines.pretrain import PretrainConfig, load_pretrain_config
+from pipelines.train.pretrain import PretrainConfig, load_pretrain_config
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+CONFIGS = Path(__file__).resolve().parents[4] / "configs"
 
 
 def test_default_config_is_tiny_two_cpu_workers():
@@ -53,6 +53,10 @@ def test_round_trip_and_pickle():
         (["--train.tokens_per_micro_batch", "100"], "tokens_per_micro_batch=100 < data.pack_tokens=512"),
         (["--data.pack_tokens", "2048", "--train.tokens_per_micro_batch", "4096"], "max_position_embeddings"),
         (["--failure.inject_failure_at_step", "3"], "after the first checkpoint"),
+        (
+            ["--failure.inject_failure_at_step", "25", "--failure.inject_failure_mode", "kill_in_checkpoint"],
+            "needs a checkpoint step",
+        ),
         (["--train.warmup_steps", "1000"], "warmup_steps"),
         (["--train.mask_prob", "0"], "mask_prob"),
         (["--trian.lr", "1"], "unknown config key"),
@@ -67,7 +71,7 @@ def test_bad_config_is_a_clear_error(argv, match):
 
 
 def test_missing_packed_dir_names_the_fix(tmp_path):
-    from pipelines.pretrain import build_datasets
+    from pipelines.train.pretrain import build_datasets
 
     cfg = load_pretrain_config(None, ["--data.packed_dir", str(tmp_path / "nope")])
     with pytest.raises(ValueError, match="jobs/preprocess.py"):
@@ -78,7 +82,7 @@ def test_missing_packed_dir_names_the_fix(tmp_path):
 def test_packed_dir_checked_through_pyarrow_filesystem(tmp_path, monkeypatch, as_uri):
     """A URI packed_dir (file:// here; s3:// / gs:// take the same pyarrow path) reaches read_packed unchanged."""
     from pipelines.mlm import packed_io
-    from pipelines.pretrain import build_datasets
+    from pipelines.train.pretrain import build_datasets
 
     calls = []
     monkeypatch.setattr(packed_io, "read_packed", lambda path, split: calls.append((path, split)) or split)
@@ -99,7 +103,7 @@ def test_packed_dir_checked_through_pyarrow_filesystem(tmp_path, monkeypatch, as
 def test_run_files_for_uri_run_dir_are_staged_and_uploaded(tmp_path, monkeypatch):
     """A URI run dir (file:// here; s3:// and gs:// take the same pyarrow path) never becomes a local `s3:/...`
     dir: files are staged locally, uploaded by sync(), and fetched back into a fresh staging dir on resume."""
-    from pipelines.pretrain import METRICS_FILE, RunFiles, _MetricSinks
+    from pipelines.train.sinks import METRICS_FILE, MetricSinks, RunFiles
 
     monkeypatch.chdir(tmp_path)
     run_dir = f"file://{tmp_path}/storage/run"
@@ -107,7 +111,7 @@ def test_run_files_for_uri_run_dir_are_staged_and_uploaded(tmp_path, monkeypatch
     cfg = load_pretrain_config(None, argv)
     assert cfg.run_dir == run_dir
     files = RunFiles(run_dir, staging_root=str(tmp_path / "stage_a"))
-    sinks = _MetricSinks(cfg, files)
+    sinks = MetricSinks(cfg, files, "neobert-pretrain")
     sinks.write(5, {"train/loss": 3.0})
     files.path("tensorboard").mkdir()
     (files.path("tensorboard") / "events.out").write_text("ev")
@@ -122,7 +126,7 @@ def test_run_files_for_uri_run_dir_are_staged_and_uploaded(tmp_path, monkeypatch
     assert not (tmp_path / "file:").exists() and not any(tmp_path.glob("**/file:*"))
     # Resume on another node: the staging dir is empty, metrics.jsonl comes back from the run dir.
     files_b = RunFiles(run_dir, staging_root=str(tmp_path / "stage_b"))
-    sinks_b = _MetricSinks(cfg, files_b)
+    sinks_b = MetricSinks(cfg, files_b, "neobert-pretrain")
     sinks_b.write(10, {"train/loss": 2.0})
     files_b.sync()
     steps = [json.loads(ln)["step"] for ln in (remote / METRICS_FILE).read_text().splitlines()]
@@ -135,11 +139,28 @@ def test_run_files_for_uri_run_dir_are_staged_and_uploaded(tmp_path, monkeypatch
 def test_missing_logger_package_fails_up_front(monkeypatch):
     import importlib.util
 
-    from pipelines.pretrain import check_optional_packages
+    from pipelines.train.sinks import check_tracking_packages as check_optional_packages
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(ValueError, match="pip install tensorboard"):
+    with pytest.raises(ValueError, match="tensorboard package"):
         check_optional_packages(load_pretrain_config(None, ["--logging.tensorboard", "true"]))
-    with pytest.raises(ValueError, match="pip install mlflow"):
+    with pytest.raises(ValueError, match="mlflow package"):
         check_optional_packages(load_pretrain_config(None, ["--logging.mlflow_tracking_uri", "/tmp/mlruns"]))
+    with pytest.raises(ValueError, match=r"wandb package.*\.\[tracking\]"):
+        check_optional_packages(load_pretrain_config(None, ["--logging.wandb", "true"]))
     check_optional_packages(load_pretrain_config(None, []))  # nothing enabled: nothing needed
+
+
+def test_packed_dir_of_another_pack_size_is_refused_on_the_driver_with_both_fixes(tmp_path):
+    from pipelines.train.config import ConfigError
+    from pipelines.train.pretrain import check_packed_dir
+
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "part-00000.parquet").write_bytes(b"")
+    cfg = load_pretrain_config(None, ["--data.packed_dir", str(tmp_path)])
+    check_packed_dir(cfg)  # no report.json: nothing to compare (the collate checks every row)
+    (tmp_path / "report.json").write_text(json.dumps({"config": {"pack_tokens": 8192}}))
+    with pytest.raises(ConfigError, match=r"packed to 8192.*--data.pack_tokens 8192.*--pack-tokens 512"):
+        check_packed_dir(cfg)
+    (tmp_path / "report.json").write_text(json.dumps({"config": {"pack_tokens": 512}}))
+    check_packed_dir(cfg)

@@ -1,0 +1,555 @@
+"""Contrastive fine-tuning of a pretrained NeoBERT into a sentence embedder: the job's config sections, its step
+(InfoNCE over the global batch), its eval (held-out retrieval before and after) and its driver (`fit`). The loop,
+checkpoints, resume, metrics and failure handling are `pipelines.train.runner.TrainRunner`'s; the data side
+(split, sampler, collate) is `pipelines.train.contrastive_data`.
+
+    run(): load/resume -> eval "before" -> loop { sampled batch -> encode -> InfoNCE -> step -> log -> checkpoint }
+           -> eval "after" (at the last step) -> final checkpoint;  driver: eval.json + model/ in the run dir
+
+The run dir (`checkpoint.storage_path/checkpoint.name`) holds config.yaml, metrics.jsonl, the checkpoints, and
+after a finished run eval.json ({"before", "after", "step"}) and `model/` (the final encoder model dir).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from neobert.config_io import to_dict
+from neobert.contrastive import (
+    POOLING_MODES,
+    ContrastiveEncoder,
+    cosine_scores,
+    info_nce_loss,
+    retrieval_metrics,
+)
+from pipelines.train.config import (
+    CheckpointSection,
+    ConfigError,
+    LoggingSection,
+    Precision,
+    Schedule,
+    TrainJobConfig,
+    TrainSection,
+    load_job_config,
+)
+from pipelines.train.contrastive_data import (
+    ROW_COLUMNS,
+    ContrastiveBatch,
+    ContrastiveCollate,
+    SampledStepSource,
+    SourceSampler,
+    build_eval_set,
+    eval_fingerprint,
+    pack_token_lists,
+    split_rows,
+)
+from pipelines.train.contrastive_init import RANDOM_INIT_PREFIX, load_init_encoder
+from pipelines.train.runner import TrainRunner, fit_trainer, prepare_run, run_config, run_worker
+
+log = logging.getLogger("neobert.contrastive")
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_CONFIG = REPO_ROOT / "configs" / "contrastive.yaml"
+EVAL_FILE = "eval.json"
+
+
+# ---------------------------------------------------------------------------------------------------- config
+@dataclass
+class ContrastiveDataSection:
+    input_dir: str = (
+        ""  # validated dir (jobs/validate_contrastive.py --output DIR); "" = the embedded sources
+    )
+    eval_fraction: float = 0.1  # held-out share of the rows (stable hash of the query text)
+    num_eval_rows: int = 512  # cap on held-out queries evaluated (0 = all)
+    max_seq_len: int = 128  # tokens per text incl. [CLS] and [SEP]
+    num_negatives: int = 1  # hard negatives per query taken from the row (0 = in-batch negatives only)
+    source_alpha: float = 0.5  # P(source) ∝ rows**alpha
+    one_source_per_batch: bool = False  # every global batch from a single source
+    tokenizer: str = ""  # tokenizer.json or dir; "" = the default bert-base-uncased vocabulary
+
+    def __post_init__(self) -> None:
+        # Relative local paths are resolved on the driver: Ray Train workers run in another directory.
+        for name in ("input_dir", "tokenizer"):
+            value = getattr(self, name)
+            if value and "://" not in value:
+                setattr(self, name, str(Path(value).expanduser().resolve()))
+        if not 0.0 < self.eval_fraction < 1.0:
+            raise ValueError(f"data.eval_fraction must be in (0, 1), got {self.eval_fraction}")
+        if self.num_eval_rows < 0:
+            raise ValueError(f"data.num_eval_rows must be >= 0 (0 = all), got {self.num_eval_rows}")
+        if self.max_seq_len < 3:
+            raise ValueError(f"data.max_seq_len must be >= 3 ([CLS] text [SEP]), got {self.max_seq_len}")
+        if self.num_negatives < 0:
+            raise ValueError(f"data.num_negatives must be >= 0, got {self.num_negatives}")
+        if self.source_alpha < 0:
+            raise ValueError(
+                f"data.source_alpha must be >= 0 (0 = uniform over sources), got {self.source_alpha}"
+            )
+
+
+@dataclass
+class ContrastiveModelSection:
+    init: str = (
+        ""  # pretraining run dir / checkpoint / model dir / HF export dir / random:<preset>; "" = embedded
+    )
+    pooling: Literal["mean", "cls"] = "mean"
+
+    def __post_init__(self) -> None:
+        if self.pooling not in POOLING_MODES:
+            raise ValueError(f"model.pooling must be one of {POOLING_MODES}, got {self.pooling!r}")
+
+
+@dataclass
+class ContrastiveTrainSection(TrainSection):
+    num_steps: int = 200
+    lr: float = 5e-5
+    warmup_steps: int = 20
+    schedule: Schedule = "linear"
+    min_lr_ratio: float = 0.0
+    precision: Precision = "auto"
+    batch_size: int = 32  # queries per worker per step (global batch = batch_size * num_workers)
+    temperature: float = 0.05
+    mask_duplicate_positives: bool = True  # a batch text equal to the query's positive is not a negative
+    eval_batch_size: int = 256  # sequences per encoder call during evaluation
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("batch_size", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.temperature <= 0:
+            raise ValueError(f"train.temperature must be > 0 (default 0.05), got {self.temperature}")
+        if self.compile:
+            raise ValueError(
+                "train.compile=true applies to pretraining; contrastive training runs eager: set it false"
+            )
+
+
+@dataclass
+class ContrastiveConfig(TrainJobConfig):
+    data: ContrastiveDataSection = field(default_factory=ContrastiveDataSection)
+    model: ContrastiveModelSection = field(default_factory=ContrastiveModelSection)
+    train: ContrastiveTrainSection = field(default_factory=ContrastiveTrainSection)
+    checkpoint: CheckpointSection = field(
+        default_factory=lambda: CheckpointSection(
+            every_steps=100, storage_path="outputs/contrastive", name="contrastive"
+        )
+    )
+    logging: LoggingSection = field(
+        default_factory=lambda: LoggingSection(every_steps=10, eval_every_steps=0)
+    )
+
+
+def load_contrastive_config(
+    path: str | Path | None = None, overrides: list[str] | None = None
+) -> ContrastiveConfig:
+    """YAML (default: configs/contrastive.yaml; `base:` inheritance) + dotted overrides -> validated config."""
+    return load_job_config(ContrastiveConfig, DEFAULT_CONFIG, path, overrides)
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+@torch.no_grad()
+def embed_texts(
+    model: ContrastiveEncoder, collate: ContrastiveCollate, texts: list[str], *, batch_size: int,
+    device: torch.device, autocast,
+) -> torch.Tensor:  # fmt: skip
+    """(N, D) pooled embeddings in fp32, `batch_size` sequences per packed encoder call."""
+    from neobert.packing import PackedMeta
+
+    out = []
+    for i in range(0, len(texts), batch_size):
+        flat, lengths, _ = pack_token_lists(collate.tokenize(texts[i : i + batch_size]), collate.max_seq_len)
+        meta = PackedMeta.from_lengths(lengths, device=device)
+        with autocast():
+            out.append(model(torch.from_numpy(flat).to(device), meta).float())
+    return torch.cat(out)
+
+
+def evaluate_retrieval(
+    model: ContrastiveEncoder, collate: ContrastiveCollate, eval_set, *, batch_size: int, device, autocast
+) -> dict[str, float]:
+    queries, corpus, pos_idx = eval_set
+    was_training = model.training
+    model.eval()
+    try:
+        q = embed_texts(model, collate, queries, batch_size=batch_size, device=device, autocast=autocast)
+        c = embed_texts(model, collate, corpus, batch_size=batch_size, device=device, autocast=autocast)
+    finally:
+        model.train(was_training)
+    return retrieval_metrics(cosine_scores(q, c), torch.from_numpy(pos_idx))
+
+
+# ----------------------------------------------------------------------------------------------- worker loop
+def _read_dataset_table(name: str) -> pa.Table:
+    import ray.train
+
+    shard = ray.train.get_dataset_shard(name)
+    tables = list(shard.iter_batches(batch_size=4096, batch_format="pyarrow"))
+    if not tables:
+        raise ConfigError(f"dataset {name!r} reached the worker empty")
+    return pa.concat_tables(tables).combine_chunks()
+
+
+class ContrastiveRunner(TrainRunner):
+    """InfoNCE over the global batch (cross-worker gather), retrieval eval before/after, the encoder model dir."""
+
+    job = "contrastive"
+    cfg: ContrastiveConfig
+
+    def build_model(self) -> torch.nn.Module:
+        cfg = self.cfg
+        encoder, self.model_cfg, _ = load_init_encoder(cfg.model.init)
+        self.attn_backend = getattr(encoder, "attn_backend", "?")
+        return ContrastiveEncoder(encoder, cfg.model.pooling)
+
+    def __init__(self, cfg: ContrastiveConfig) -> None:
+        super().__init__(cfg)
+        self.collate = ContrastiveCollate(
+            max_seq_len=cfg.data.max_seq_len, num_negatives=cfg.data.num_negatives,
+            tokenizer_path=cfg.data.tokenizer, seed=cfg.train.seed,
+        )  # fmt: skip
+        self.train_table = _read_dataset_table("train")
+        self.sampler = SourceSampler(
+            self.train_table.column("source").to_pylist(),
+            batch_size=cfg.train.batch_size,
+            world_size=self.world,
+            alpha=cfg.data.source_alpha,
+            one_source_per_batch=cfg.data.one_source_per_batch,
+            seed=cfg.train.seed,
+        )
+        self.eval_set = (
+            build_eval_set(_read_dataset_table("eval"), cfg.data.num_eval_rows) if self.rank == 0 else None
+        )
+        self.eval_before: dict[str, float] | None = None
+        self.eval_before_fingerprint: str | None = None
+        if self.rank == 0:
+            log.info(
+                "contrastive: %d workers on %s, attention backend %s, precision %s, %d train rows from sources %s "
+                "(p=%s)", self.world, self.device, self.attn_backend, "bf16" if self.use_bf16 else "fp32",
+                self.train_table.num_rows, self.sampler.source_names, np.round(self.sampler.probs, 3).tolist(),
+            )  # fmt: skip
+
+    # -- data ----------------------------------------------------------------------------------------------------
+    def open_data(self, state: dict[str, Any] | None) -> SampledStepSource:
+        if state is not None and state.get("step") != self.step:
+            raise ConfigError(f"the checkpoint's data position {state} does not match its step {self.step}")
+        return SampledStepSource(
+            self.train_table, self.sampler, self.collate, rank=self.rank, start_step=self.step,
+            num_steps=self.cfg.train.num_steps, pin_memory=self.device.type == "cuda",
+        )  # fmt: skip
+
+    # -- eval "before" -------------------------------------------------------------------------------------------
+    def on_start(self) -> None:
+        fingerprint = eval_fingerprint(self.eval_set) if self.rank == 0 else None
+        stale = (
+            self.rank == 0 and self.eval_before is not None and self.eval_before_fingerprint != fingerprint
+        )
+        if stale:
+            log.warning(
+                "the held-out set changed since the checkpoint: re-running eval 'before' on the init model"
+            )
+        if self.rank == 0 and (self.eval_before is None or stale):
+            self.eval_before = self.retrieval(init_model=stale)
+            self.emit({f"eval/before/{k}": v for k, v in self.eval_before.items()})
+        self.eval_before_fingerprint = fingerprint
+
+    def job_state(self) -> dict[str, Any]:
+        return {"eval_before": self.eval_before, "eval_fingerprint": self.eval_before_fingerprint}
+
+    def load_job_state(self, state: dict[str, Any]) -> None:
+        self.eval_before, self.eval_before_fingerprint = (
+            state.get("eval_before"),
+            state.get("eval_fingerprint"),
+        )
+
+    # -- step ----------------------------------------------------------------------------------------------------
+    def train_step(self, batches: list[ContrastiveBatch]) -> None:
+        from neobert.packing import PackedMeta
+
+        (batch,) = batches
+        meta = PackedMeta.from_lengths(batch.lengths, device=self.device)
+        input_ids = batch.input_ids.to(self.device, non_blocking=True)
+        b, m = batch.num_queries, batch.num_negatives
+        with self.autocast():
+            emb_SD = self.ddp_model(input_ids, meta)  # (2B+M, D)
+        keys = self.cfg.train.mask_duplicate_positives
+        out = info_nce_loss(
+            emb_SD[:b], emb_SD[b : 2 * b], emb_SD[2 * b : 2 * b + m],
+            temperature=self.cfg.train.temperature,
+            pos_keys_B=batch.pos_keys.to(self.device) if keys else None,
+            neg_keys_M=batch.neg_keys.to(self.device) if keys else None,
+        )  # fmt: skip
+        self.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        clip = self.cfg.train.max_grad_norm
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.model.parameters(), clip if clip > 0 else float("inf")
+        )
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.window.add(
+            loss_sum=out.loss_sum.detach().float(), num_correct=out.num_correct, num_queries=out.num_queries,
+            num_tokens=batch.num_tokens, truncated=batch.num_truncated, sequences=b + b + m,
+        )  # fmt: skip
+        self.window.set(
+            **{"train/lr": lr, "train/grad_norm": grad_norm.detach(), "train/candidates": out.num_candidates}
+        )
+
+    def trace_records(self, batches: list[ContrastiveBatch]) -> list[dict[str, Any]]:
+        """Per step a fingerprint of the packed token stream this rank trained on."""
+        import hashlib
+
+        return [{"micro": i, "sha": hashlib.sha256(b.input_ids.numpy().tobytes()).hexdigest()[:16]}
+                for i, b in enumerate(batches)]  # fmt: skip
+
+    def window_metrics(self, sums: dict[str, float], elapsed: float) -> dict[str, float]:
+        queries = max(sums["num_queries"], 1)
+        loss = sums["loss_sum"] / queries
+        if not math.isfinite(loss):
+            raise FloatingPointError(
+                f"train/loss is {loss} at step {self.step}; lower train.lr or check the model.init checkpoint"
+            )
+        return {
+            "train/loss": loss,
+            "train/accuracy": sums["num_correct"] / queries,
+            "train/tokens_per_s": sums["num_tokens"] / elapsed,
+            "train/sequences_per_s": sums["sequences"] / elapsed,
+            "data/truncated_texts": sums["truncated"],
+        }
+
+    # -- eval ----------------------------------------------------------------------------------------------------
+    def retrieval(self, *, init_model: bool = False) -> dict[str, float]:
+        """Retrieval metrics on rank 0; `init_model` scores a fresh copy of `model.init`."""
+        model = self.model
+        if init_model:
+            torch.manual_seed(
+                self.cfg.train.seed
+            )  # as at construction, so random:<preset> rebuilds the same model
+            encoder, _, _ = load_init_encoder(self.cfg.model.init)
+            model = ContrastiveEncoder(encoder, self.cfg.model.pooling).to(self.device)
+        return evaluate_retrieval(
+            model, self.collate, self.eval_set, batch_size=self.cfg.train.eval_batch_size, device=self.device,
+            autocast=self.autocast,
+        )  # fmt: skip
+
+    def evaluate(self) -> dict[str, float]:
+        """Held-out retrieval on rank 0 ({} elsewhere); at the last step it is eval "after", reported with
+        "before" so the final checkpoint's metrics hold both."""
+        if self.rank != 0:
+            return {}
+        scores = self.retrieval()
+        metrics = {f"eval/{k}": v for k, v in scores.items()}
+        if self.step == self.cfg.train.num_steps:
+            metrics |= {f"eval/before/{k}": v for k, v in (self.eval_before or {}).items()}
+            metrics |= {f"eval/after/{k}": v for k, v in scores.items()}
+        return metrics
+
+    # -- model dir -----------------------------------------------------------------------------------------------
+    def save_model(self, path: Path) -> None:
+        from neobert.checkpoint import save_model_dir
+
+        save_model_dir(
+            path, self.model.encoder, self.model_cfg, kind="encoder", pooling=self.cfg.model.pooling,
+            extra={"trained_by": "contrastive", "step": self.step, "config": to_dict(self.cfg)},
+        )  # fmt: skip
+
+    def load_model(self, path: Path) -> None:
+        from neobert.checkpoint import load_model_dir
+
+        md = load_model_dir(path)
+        self.model.encoder.load_state_dict({k.removeprefix("encoder."): v for k, v in md.state_dict.items()})
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    run_worker(ContrastiveRunner, ContrastiveConfig, config)
+
+
+# ----------------------------------------------------------------------------------------------------- driver
+def load_rows(input_dir: str | Path) -> pa.Table:
+    """The validated rows of `input_dir`; ValueError (with the fix) when it was not validated."""
+    from pipelines.contrastive.validate import read_validated
+
+    table = read_validated(input_dir)
+    if not isinstance(table, pa.Table):  # a Ray Dataset
+        table = pa.concat_tables(list(table.iter_batches(batch_format="pyarrow", batch_size=None)))
+    return table.select(list(ROW_COLUMNS))
+
+
+def build_trainer(cfg: ContrastiveConfig, rows: pa.Table):
+    """A `TorchTrainer` over the train/held-out split of `rows` (validated rows). The driver keeps nothing else."""
+    import ray.data
+    from ray.data import ExecutionOptions
+    from ray.train import DataConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    train, held = split_rows(rows, cfg.data.eval_fraction)
+    log.info("contrastive rows: %d train, %d held-out -> %s", train.num_rows, held.num_rows, cfg.run_dir)
+    sc = cfg.scaling
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=to_dict(cfg),
+        scaling_config=ScalingConfig(
+            num_workers=sc.num_workers,
+            use_gpu=sc.use_gpu,
+            resources_per_worker=sc.resources_per_worker or None,
+        ),
+        datasets={"train": ray.data.from_arrow(train), "eval": ray.data.from_arrow(held)},
+        # not split: every worker samples from all rows; preserve_order: rows arrive in split_rows' order, which the
+        # sampler's positions (and therefore resume) rely on
+        dataset_config=DataConfig(
+            datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)
+        ),
+        run_config=run_config(cfg),
+    )
+
+
+def finalize(cfg: ContrastiveConfig, result) -> dict[str, Any]:
+    """Write eval.json and copy the final model dir into the run dir; return the eval dict."""
+    if result.error is not None:
+        raise result.error
+    metrics = result.metrics or {}
+    evals: dict[str, Any] = {}
+    for phase in ("before", "after"):
+        prefix = f"eval/{phase}/"
+        evals[phase] = {k.removeprefix(prefix): v for k, v in metrics.items() if k.startswith(prefix)}
+        if "recall@10" not in evals[phase]:
+            raise RuntimeError(
+                f"the final report lacks {prefix}recall@10 (got {sorted(metrics)}); see the worker logs"
+            )
+    evals["step"] = metrics.get("step")
+    from pipelines.io import filesystem_for
+
+    fs, root = filesystem_for(cfg.run_dir)
+    with fs.open_output_stream(f"{root.rstrip('/')}/{EVAL_FILE}") as f:
+        f.write((json.dumps(evals, indent=2) + "\n").encode())
+    if result.checkpoint is not None:
+        import pyarrow.fs as pafs
+
+        with result.checkpoint.as_directory() as d:
+            target = f"{root.rstrip('/')}/model"
+            if fs.get_file_info(target).type == pafs.FileType.Directory:
+                fs.delete_dir(target)
+            if "://" in cfg.run_dir:
+                pafs.copy_files(str(Path(d) / "model"), target, source_filesystem=pafs.LocalFileSystem(),
+                                destination_filesystem=fs)  # fmt: skip
+            else:
+                shutil.copytree(Path(d) / "model", target)
+    return evals
+
+
+def check_contrastive_resume(cfg: ContrastiveConfig):
+    def check(saved: dict[str, Any]) -> None:
+        data = saved.get("data") or {}
+        if data.get("kind") != "sampled":
+            raise ConfigError(
+                f"{cfg.run_dir} holds a checkpoint of another job (data position {data}); pick another "
+                "--checkpoint.name or --checkpoint.storage_path"
+            )
+
+    return check
+
+
+def fit(cfg: ContrastiveConfig, rows: pa.Table | None = None) -> dict[str, Any]:
+    """Train + evaluate (or resume) the contrastive job `cfg`; returns {"before", "after", "step"}, also written to
+    RUN_DIR/eval.json next to the final `model/`. `rows` default: the validated rows of `data.input_dir`."""
+    if not cfg.model.init:
+        raise ConfigError("model.init is empty: pass --init (see `default_init` for the embedded checkpoint)")
+    if rows is None:
+        rows = load_rows(ensure_validated(cfg.data.input_dir))
+    prepare_run(cfg, check_contrastive_resume(cfg))
+    result = fit_trainer(build_trainer(cfg, rows), cfg)
+    return finalize(cfg, result)
+
+
+# ------------------------------------------------------------------------------------ defaults (job layer)
+def embedded_validated_dir() -> Path:
+    """Where the validated embedded contrastive sources live: next to the embedded data, keyed like it."""
+    from pipelines.embedded import materialize
+
+    root = materialize().root
+    return root.parent / f"{root.name}-contrastive-validated"
+
+
+def ensure_validated(input_dir: str) -> Path:
+    """`input_dir` if it is a finished validation output; for "" the embedded sources, validated on first use.
+
+    A user dir that was not validated is refused (ValueError naming the command to run), never validated
+    behind the user's back with guessed options.
+    """
+    from pipelines.contrastive.sources import ValidateContrastiveConfig
+    from pipelines.contrastive.validate import MARKER_NAME, validate_contrastive
+
+    if input_dir:
+        d = Path(input_dir)
+        if not (d / MARKER_NAME).is_file():
+            raise ConfigError(
+                f"{d} is not a validated contrastive dataset (no {MARKER_NAME}); validate it first: "
+                f"`python jobs/validate_contrastive.py --source NAME=PATH ... --output {d}`, then pass "
+                f"--data.input_dir {d}"
+            )
+        return d
+    d = embedded_validated_dir()
+    if not (d / MARKER_NAME).is_file():
+        log.info("validating the embedded contrastive sources into %s (first run only)", d)
+        validate_contrastive(ValidateContrastiveConfig(output=str(d)))
+    return d
+
+
+def embedded_pretrained_dir() -> Path:
+    """The tiny pretraining checkpoint the no-argument job starts from (a model dir), next to the embedded data."""
+    from pipelines.embedded import materialize
+
+    root = materialize().root
+    return root.parent / f"{root.name}-pretrained-tiny" / "model"
+
+
+def default_init(cfg: ContrastiveConfig) -> Path:
+    """The `model.init` of a job given none: the embedded tiny pretraining checkpoint, trained on first use by the
+    pretraining job's driver (`pipelines.train.pretrain.fit`, configs/pretrain.yaml defaults) and cached as a model
+    dir. Called by the job layer, never by the runtime."""
+    import os
+
+    from neobert.checkpoint import CONFIG_FILE
+    from pipelines.train import pretrain
+
+    target = embedded_pretrained_dir()
+    if (target / CONFIG_FILE).exists():
+        return target
+    storage = target.parent / "ray"
+    log.info("no embedded pretraining checkpoint at %s: pretraining the tiny model first", target)
+    overrides = [
+        f"--checkpoint.storage_path={storage}",
+        "--checkpoint.name=embedded-tiny",
+        f"--scaling.num_workers={cfg.scaling.num_workers}",
+        f"--scaling.use_gpu={str(cfg.scaling.use_gpu).lower()}",
+        f"--scaling.resources_per_worker={json.dumps(cfg.scaling.resources_per_worker)}",
+    ]
+    result = pretrain.fit(pretrain.load_pretrain_config(None, overrides))
+    if result.error is not None:
+        raise result.error
+    if result.checkpoint is None:
+        raise RuntimeError(f"pretraining into {storage} finished without a checkpoint; see its logs")
+    tmp = target.parent / "model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    with result.checkpoint.as_directory() as d:
+        shutil.copytree(Path(d) / "model", tmp)
+    os.replace(tmp, target)
+    return target
+
+
+__all__ = [
+    "RANDOM_INIT_PREFIX", "ContrastiveConfig", "ContrastiveDataSection", "ContrastiveModelSection",
+    "ContrastiveRunner", "ContrastiveTrainSection", "SourceSampler", "build_trainer", "default_init",
+    "ensure_validated", "finalize", "fit", "load_contrastive_config", "load_rows",
+]  # fmt: skip
