@@ -52,7 +52,7 @@ def check_packed_dir(packed_dir: str) -> None:
     from pipelines.mlm.packed_io import has_packed_split
 
     if not _exists(packed_dir):
-        raise FileNotFoundError(
+        raise ValueError(
             f"data.packed_dir={packed_dir} does not exist; run `python jobs/preprocess.py --output {packed_dir}` "
             "first, or leave data.packed_dir empty to preprocess on the fly"
         )
@@ -112,7 +112,7 @@ def tokens_per_micro_batch_for(pack_tokens: int, tokens_per_micro_batch: int, *,
 def check_validated_dir(input_dir: str, marker_name: str) -> None:
     """A contrastive input dir must be the output of jobs/validate_contrastive.py (its marker file present)."""
     if not _exists(input_dir):
-        raise FileNotFoundError(
+        raise ValueError(
             f"data.input_dir={input_dir} does not exist; write it with "
             f"`python jobs/validate_contrastive.py --source NAME=PATH ... --output {input_dir}`"
         )

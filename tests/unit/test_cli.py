@@ -40,8 +40,8 @@ def test_overrides_short_flags_and_switches():
     exp, ctx = cli.load(job("export_hf").SPEC, ["ckpt", "out", "--overwrite", "--parity", "false"])
     assert (exp.checkpoint, exp.overwrite, exp.parity) == ("ckpt", True, False)
     assert exp.output == str(Path("out").resolve()) and ctx.user_set("output")
-    con, _ = cli.load(job("contrastive").SPEC, ["--init", "random:tiny", "--train.max_steps", "3"])
-    assert con.model.init == "random:tiny" and con.train.max_steps == 3
+    con, _ = cli.load(job("contrastive").SPEC, ["--init", "random:tiny", "--train.num_steps", "30"])
+    assert con.model.init == "random:tiny" and con.train.num_steps == 30
 
 
 def test_source_flag_appends_to_the_yaml_sources(tmp_path):
@@ -96,7 +96,7 @@ def test_help_lists_sections_keys_defaults_and_flags(capsys):
         (["stray"], "unexpected argument 'stray'"),
         (["--config", "configs"], "is a directory"),
         (["--config", "nope.yaml"], "config file nope.yaml does not exist"),
-        (["--train.warmup_steps", "99"], "train.warmup_steps=99 must lie in [0, num_steps=60]"),
+        (["--train.warmup_steps", "99"], "train.warmup_steps=99 must lie in [0, train.num_steps=60]"),
     ],
 )
 def test_bad_input_is_one_error_line_and_exit_2(argv, fragment, capsys, monkeypatch):
