@@ -47,6 +47,9 @@ class PackedBatch:
     num_tokens: int  # real tokens; T - num_tokens are padding
     num_rows: int
     sum_sq_seqlens: int  # sum of squared real document lengths (attention FLOPs for MFU)
+    row_keys: torch.Tensor | None = (
+        None  # (rows,) int64: a key per packed row (seeds its mask); set by the reader
+    )
 
 
 def _flat(col: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
