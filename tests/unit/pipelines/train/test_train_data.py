@@ -290,3 +290,14 @@ def test_empty_source_is_an_error():
     src = GlobalStepSource(mixture(SourceSection("a", "/a")), empty, pack_tokens=PACK, rows_per_micro_batch=1)
     with pytest.raises(ValueError, match="holds no rows"):
         src.next_step()
+
+
+def test_resume_with_another_global_batch_continues_at_the_next_unseen_row(caplog):
+    cfg = mixture(*TWO)
+    ref, states = run(cfg, world=2, m=1, steps=10)
+    flat = [u for uids, _ in ref[4:] for u in uids]  # the rows after step 4, in order
+    smaller = mixture(*TWO, gbt=4 * PACK)
+    with caplog.at_level(logging.WARNING):
+        got, _ = run(smaller, world=2, m=2, steps=9, state=states[3])
+    assert "global step size changed from 6 to 4 rows" in caplog.text
+    assert [u for uids, _ in got for u in uids] == flat[:36]
