@@ -232,21 +232,22 @@ class _EpochCursor:
         repeat: bool,
         epoch: int,
         pos: int,
+        exhausted: bool = False,
     ) -> None:
         self.name, self._open, self.seed, self.B, self.repeat = name, open_epoch, seed, window_rows, repeat
         self.epoch, self.pos = epoch, pos
-        self.exhausted = False
+        self.exhausted = exhausted
         self._it: Iterator[pa.Table] | None = None
+        self._started = False  # the epoch is opened (and consumed rows skipped) on the first has_next()
         self._pending: list[pa.Table] = []  # input rows read but not yet in a window
         self._win: _Window | None = None
         self._win_start = 0  # epoch position of the window's first row
         self._win_index = 0
-        self._start_epoch(epoch, pos)
 
     # -- input ------------------------------------------------------------------------------------------------
     def _start_epoch(self, epoch: int, pos: int) -> None:
         self.close()
-        self.epoch, self.pos = epoch, pos
+        self.epoch, self.pos, self._started = epoch, pos, True
         self._it = iter(self._open(epoch))
         self._pending, self._win = [], None
         skip = (pos // self.B) * self.B if self.B else pos
@@ -309,9 +310,17 @@ class _EpochCursor:
         """Whether a next row exists (loads a window, starts the next epoch for a repeating source)."""
         if self.exhausted:
             return False
+        if not self._started:
+            self._start_epoch(self.epoch, self.pos)
         while self._win is None or self.pos >= self._win_start + self._win.table.num_rows:
             if self._load_window():
                 continue
+            length = self._win_start + (self._win.table.num_rows if self._win is not None else 0)
+            if self.pos > length:
+                raise ValueError(
+                    f"data source {self.name!r}: the saved position (epoch {self.epoch}, row {self.pos}) is past the "
+                    f"end of its epoch ({length} rows); the source's data changed since the checkpoint"
+                )
             if self.pos == 0:
                 raise ValueError(
                     f"data source {self.name!r}: epoch {self.epoch} holds no rows; check its path (an empty "
@@ -384,11 +393,8 @@ class GlobalOrder:
             self.tokens[i], self.rows[i] = ss["tokens"], ss["rows"]
             c = _EpochCursor(
                 s.name, open_epochs[s.name], seed=seed, window_rows=window_rows, repeat=s.repeat,
-                epoch=ss["epoch"], pos=ss["rows_in_epoch"],
+                epoch=ss["epoch"], pos=ss["rows_in_epoch"], exhausted=ss["exhausted"],
             )  # fmt: skip
-            if ss["exhausted"]:
-                c.exhausted = True
-                c.close()
             self.cursors.append(c)
 
     def _pick(self) -> int:

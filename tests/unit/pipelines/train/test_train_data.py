@@ -301,3 +301,15 @@ def test_resume_with_another_global_batch_continues_at_the_next_unseen_row(caplo
         got, _ = run(smaller, world=2, m=2, steps=9, state=states[3])
     assert "global step size changed from 6 to 4 rows" in caplog.text
     assert [u for uids, _ in got for u in uids] == flat[:36]
+
+
+@pytest.mark.parametrize("rows_in_epoch", [24, 999])
+def test_resume_past_the_end_of_a_changed_source_is_an_error(rows_in_epoch):
+    cfg = mixture(*TWO)
+    _, states = run(cfg, world=1, m=1, steps=2)
+    st = json.loads(json.dumps(states[-1]))
+    st["sources"]["a"]["rows_in_epoch"] = rows_in_epoch  # source a has 23 rows
+    st["sources"]["b"]["tokens"] = 10**6  # so that a is picked next
+    src = GlobalStepSource(cfg, opener(), pack_tokens=PACK, rows_per_micro_batch=1, state=st)
+    with pytest.raises(ValueError, match="'a': the saved position .* past the end of its epoch"):
+        src.next_step()
