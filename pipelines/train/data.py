@@ -230,11 +230,13 @@ class _EpochCursor:
         seed: int,
         window_rows: int,
         repeat: bool,
+        pack_tokens: int,
         epoch: int,
         pos: int,
         exhausted: bool = False,
     ) -> None:
         self.name, self._open, self.seed, self.B, self.repeat = name, open_epoch, seed, window_rows, repeat
+        self.pack_tokens = pack_tokens
         self.epoch, self.pos = epoch, pos
         self.exhausted = exhausted
         self._it: Iterator[pa.Table] | None = None
@@ -301,7 +303,17 @@ class _EpochCursor:
             if self.B
             else np.arange(n)
         )
-        tokens = table.column("num_tokens").to_numpy().astype(np.int64)[perm]
+        raw = table.column("num_tokens").to_numpy().astype(np.int64)
+        if (
+            raw.max() > self.pack_tokens
+        ):  # every rank checks every row, cheaply (the collate sees only its own)
+            r = int(np.argmax(raw > self.pack_tokens))
+            raise ValueError(
+                f"data source {self.name!r}: input row {self._win_start + r} of epoch {self.epoch} holds {raw[r]} "
+                f"tokens > pack_tokens={self.pack_tokens}; the packed dir was built with a larger pack_tokens: set "
+                f"pack_tokens to the value it was preprocessed with, or re-run jobs/preprocess.py"
+            )
+        tokens = raw[perm]
         self._win = _Window(table, perm, tokens)
         return True
 
@@ -377,6 +389,7 @@ class GlobalOrder:
         seed: int,
         window_rows: int,
         on_exhausted: str,
+        pack_tokens: int,
         state: dict | None = None,
     ) -> None:
         missing = [s.name for s in sources if s.name not in open_epochs]
@@ -393,7 +406,7 @@ class GlobalOrder:
             self.tokens[i], self.rows[i] = ss["tokens"], ss["rows"]
             c = _EpochCursor(
                 s.name, open_epochs[s.name], seed=seed, window_rows=window_rows, repeat=s.repeat,
-                epoch=ss["epoch"], pos=ss["rows_in_epoch"], exhausted=ss["exhausted"],
+                pack_tokens=pack_tokens, epoch=ss["epoch"], pos=ss["rows_in_epoch"], exhausted=ss["exhausted"],
             )  # fmt: skip
             self.cursors.append(c)
 
@@ -495,7 +508,7 @@ class GlobalStepSource:
         self._check_state(state)
         self.order = GlobalOrder(
             cfg.sources, open_epochs, seed=cfg.seed, window_rows=cfg.shuffle_window_rows,
-            on_exhausted=cfg.on_exhausted, state=state,
+            on_exhausted=cfg.on_exhausted, pack_tokens=pack_tokens, state=state,
         )  # fmt: skip
         self.step = int(state["global_step"]) if state else 0
         self._produced = self.step
@@ -683,6 +696,39 @@ def dataset_name(source: str) -> str:
     return f"train.{source}"
 
 
+def check_sources(cfg: MixtureSection, pack_tokens: int) -> None:
+    """Driver-side checks before Ray Train starts (never retried by FailureConfig): config, and a train split
+    in every source's packed dir."""
+    from pipelines.preprocess import has_packed_split
+
+    cfg.check(pack_tokens)
+    for s in cfg.sources:
+        if not has_packed_split(s.path, "train"):
+            raise ValueError(
+                f"data source {s.name!r}: {s.path} has no train/*.parquet shards; build it with "
+                f"`python jobs/preprocess.py --output {s.path}` or fix the source's path"
+            )
+
+
+def source_datasets(cfg: MixtureSection) -> dict[str, Any]:
+    """Driver side: {dataset_name(source): Ray Dataset of its packed rows} for `TorchTrainer(datasets=...)`."""
+    from pipelines.preprocess import read_packed
+
+    return {dataset_name(s.name): read_packed(s.path, split="train") for s in cfg.sources}
+
+
+def source_data_config(split: list[str] | None = None):
+    """The `DataConfig` for `source_datasets`: nothing split (every worker reads every source in full, see the
+    module doc) unless named in `split` (e.g. other datasets of the run), and `preserve_order=True` so that
+    every worker sees the same order."""
+    from ray.data import ExecutionOptions
+    from ray.train import DataConfig
+
+    return DataConfig(
+        datasets_to_split=list(split or []), execution_options=ExecutionOptions(preserve_order=True)
+    )
+
+
 def ray_open_epochs(iterators: dict[str, Any], *, prefetch_batches: int = 2) -> dict[str, OpenEpoch]:
     """`open_epochs` over Ray `DataIterator`s of NON-split datasets: whole blocks as Arrow tables, in order.
 
@@ -730,6 +776,9 @@ def step_source_from_shards(
 
 __all__ = [
     "DataExhausted",
+    "check_sources",
+    "source_data_config",
+    "source_datasets",
     "GlobalOrder",
     "GlobalStepSource",
     "MixtureSection",

@@ -65,16 +65,15 @@ def steps_of(sources, n: int) -> list[tuple[list[int], list[int]]]:
 
 
 def test_ray_iterators_give_the_in_memory_order_on_two_ranks_and_resume_on_three(ray_session, tmp_path):
-    from ray.data import ExecutionOptions
-    from ray.train import DataConfig
-
-    from pipelines.preprocess import read_packed
     from pipelines.train.data import (
         GlobalStepSource,
         MixtureSection,
         SourceSection,
+        check_sources,
         dataset_name,
         ray_open_epochs,
+        source_data_config,
+        source_datasets,
     )
 
     tables = {
@@ -91,13 +90,14 @@ def test_ray_iterators_give_the_in_memory_order_on_two_ranks_and_resume_on_three
         seed=3,
         prefetch_steps=2,
     )
+    check_sources(cfg, PACK)
     steps, stop = 14, 6  # 84 rows: both sources roll over into their next epochs
 
     def ray_sources(world: int, m: int, state=None, max_steps=None):
-        datasets = {dataset_name(s.name): read_packed(s.path) for s in cfg.sources}
-        per_rank = DataConfig(
-            datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)
-        ).configure(datasets, world_size=world, worker_handles=None, worker_node_ids=None)
+        # What Ray Train hands each worker for these datasets (get_dataset_shard returns per_rank[rank][name]).
+        per_rank = source_data_config().configure(
+            source_datasets(cfg), world_size=world, worker_handles=None, worker_node_ids=None
+        )
         return [
             GlobalStepSource(
                 cfg,

@@ -313,3 +313,26 @@ def test_resume_past_the_end_of_a_changed_source_is_an_error(rows_in_epoch):
     src = GlobalStepSource(cfg, opener(), pack_tokens=PACK, rows_per_micro_batch=1, state=st)
     with pytest.raises(ValueError, match="'a': the saved position .* past the end of its epoch"):
         src.next_step()
+
+
+def test_rows_longer_than_pack_tokens_are_an_error_on_every_rank():
+    big = {"a": Reader(packed_table(1, [4] * 12 + [PACK + 3]))}
+    cfg = mixture(SourceSection("a", "/a"), gbt=2 * PACK, window=5)
+    for rank in (0, 1):  # rank 0 never collates row 12; it still refuses it
+        src = GlobalStepSource(cfg, big, pack_tokens=PACK, rows_per_micro_batch=1, rank=rank, world_size=2)
+        with pytest.raises(ValueError, match="'a': input row 12 of epoch 0 holds 19 tokens > pack_tokens=16"):
+            for _ in range(7):
+                src.next_step()
+
+
+def test_check_sources_on_the_driver(tmp_path):
+    import pyarrow.parquet as pq
+
+    from pipelines.train.data import check_sources
+
+    (tmp_path / "ok" / "train").mkdir(parents=True)
+    pq.write_table(TABLES["a"], tmp_path / "ok" / "train" / "part-0.parquet")
+    good = SourceSection("ok", str(tmp_path / "ok"))
+    check_sources(mixture(good), PACK)
+    with pytest.raises(ValueError, match="'gone': .* has no train/\\*.parquet shards; build it with"):
+        check_sources(mixture(good, SourceSection("gone", str(tmp_path / "gone"))), PACK)
