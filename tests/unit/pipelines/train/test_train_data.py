@@ -336,3 +336,20 @@ def test_check_sources_on_the_driver(tmp_path):
     check_sources(mixture(good), PACK)
     with pytest.raises(ValueError, match="'gone': .* has no train/\\*.parquet shards; build it with"):
         check_sources(mixture(good, SourceSection("gone", str(tmp_path / "gone"))), PACK)
+
+
+def test_background_thread_hands_over_exhaustion_and_keeps_the_last_full_state():
+    cfg = MixtureSection(**{**_exhaust_cfg("stop").__dict__, "prefetch_steps": 3})
+    sync = GlobalStepSource(_exhaust_cfg("stop"), opener(), pack_tokens=PACK, rows_per_micro_batch=4)
+    with GlobalStepSource(cfg, opener(), pack_tokens=PACK, rows_per_micro_batch=4) as src:
+        while True:
+            try:
+                want = sync.next_step()
+            except DataExhausted:
+                break
+            assert row_uids(src.next_step()[0]) == row_uids(want[0])
+        with pytest.raises(DataExhausted):
+            src.next_step()
+        with pytest.raises(DataExhausted):  # and again on every later call
+            src.next_step()
+        assert src.state_dict() == sync.state_dict()
