@@ -345,10 +345,6 @@ class _EpochCursor:
             self._start_epoch(self.epoch + 1, 0)
         return True
 
-    def peek_tokens(self) -> int:
-        assert self._win is not None
-        return int(self._win.tokens[self.pos - self._win_start])
-
     def take(self) -> tuple[_Window, int, int, int, int]:
         """(window, row of its table, epoch, position in the epoch, tokens) of the next row; has_next() first."""
         w = self._win
