@@ -1,21 +1,75 @@
-"""The data seam of the training runtime: where each step's batches come from.
+"""The global data order: packed rows of one or more sources, in an order no world size or batch setting changes.
 
-The runner asks a `StepSource` for the next global step's micro-batches of its rank and stores the source's
-`state_dict()` in every checkpoint; a resumed run rebuilds the source from that state and must get exactly the
-batches an uninterrupted run would have got. Masks and other per-row randomness are keyed by the batch's
-`row_keys`, never by the rank or micro-batch index, so a source that keys rows by their global position makes
-training independent of the batch layout.
+    sources (packed dirs) --(each worker reads every source in full, file and row order)--> per source, epoch e:
+      windows of `shuffle_window_rows` input rows, each permuted by (seed, source, e, window)  = the epoch order
+    -> token-deficit interleaving of the sources                                              = the global order
+    -> global step s = the next R = global_batch_tokens // pack_tokens rows of the global order
+    -> rank r of W takes rows [r*A*m, (r+1)*A*m) of the step: A micro-batches of m = rows_per_micro_batch rows
+
+Every function of that chain depends only on (seed, sources, their weights and `shuffle_window_rows`), never on
+the world size W, the micro-batch size m or the accumulation A, so the state (`StepSource.state_dict`) is the
+GLOBAL position: per source the epoch and the rows consumed in it, the tokens consumed, the global step. A run
+stopped on W workers resumes on W' (or with another m) at the next unseen row: no row lost or repeated, and every
+later global step holds the same rows as in the uninterrupted run (the rank that trains a row may change).
+
+Reading. Every worker reads every source's whole Ray Dataset (`ray.train.get_dataset_shard` of a dataset that
+`DataConfig(datasets_to_split=[])` does NOT split; `preserve_order=True`, so each worker sees the same rows in
+the same order) and keeps only its own rows. The rows of the other ranks cost reading and Arrow slicing, never
+collation. That is W times the read work of a split dataset; it buys independence from W (a split's row ->
+worker assignment depends on W and on block arrival) and a resume that skips consumed rows by dropping whole
+Arrow batches (`_EpochCursor._skip_input`).
+
+Shuffling: a seeded WINDOW shuffle, not a sliding buffer. Input rows [w*B, (w+1)*B) of an epoch form window w and
+are permuted by a generator seeded with (seed, source, epoch, w): position p of the epoch order is row
+`w*B + perm_w[p - w*B]`. The row at any position is computable from B input rows, so resuming at position p reads
+and drops the first `(p // B) * B` input rows without keeping them. Ray's `local_shuffle_buffer_size` (a sliding
+buffer) mixes across window edges, but which row comes out at position p depends on everything before p, so a
+resume would have to replay (and hold) every row of the epoch up to p, and its output also depends on the
+`batch_size` it is asked for. Trade-off: a window only mixes rows that are within B input rows of each other, so
+rows of one file stay near each other; raise B (memory: B packed rows per source per worker) or shuffle the
+files when the dataset is written. B = 0 keeps file order.
+
+Mixtures: each next row of the global order comes from the source whose consumed tokens are furthest below its
+weight's share of all tokens consumed so far (ties: the first listed), so the realized token share of every
+source stays within one row's tokens of its weight (the unit tests check < 1% after a few hundred rows). Each
+source counts its epochs; a source with `repeat: false` runs out at its epoch's end, and then, by
+`on_exhausted`, the stream stops (`DataExhausted` at the next step) or continues with the others, their weights
+renormalized.
+
+Masks: each packed row gets a `row_key` from (source, epoch, position in the epoch), so a runner that seeds each
+row's mask with its key masks a row identically on any world size.
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol, TypeVar
+import hashlib
+import logging
+import queue
+import re
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
 
-B_co = TypeVar("B_co", covariant=True)
+import numpy as np
+import pyarrow as pa
+import torch
+
+from pipelines.train.collate import PackedBatch, collate_packed
+
+log = logging.getLogger("neobert.data")
+
+STATE_VERSION = 1
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+_U64 = np.uint64((1 << 64) - 1)
 
 
-class StepSource(Protocol[B_co]):
-    def next_step(self) -> list[B_co]:
+class StepSource(Protocol):
+    """Where the runner gets each step's data. It stores `state_dict()` in every checkpoint; a resumed run rebuilds
+    the source from that state and must get exactly the batches an uninterrupted run would have got. Masks are
+    keyed by each batch's `row_keys`, never by rank or micro-batch index."""
+
+    def next_step(self) -> list[PackedBatch]:
         """This rank's micro-batches for the next global step (collated, on the CPU)."""
         ...
 
@@ -26,3 +80,716 @@ class StepSource(Protocol[B_co]):
     def close(self) -> None:
         """Stop background readers; safe to call twice."""
         ...
+
+
+class DataExhausted(Exception):
+    """No further full global step: a source with `repeat: false` ran out (or all of them, with renormalize)."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class SourceSection:
+    name: str = ""  # [A-Za-z0-9_.-]+; the metric tag (data/tokens/<name>) and the key in the data state
+    path: str = ""  # a packed dir of jobs/preprocess.py (its train/*.parquet), local path or URI
+    weight: float = 1.0  # share of the TOKENS of the mixture (normalized over the sources)
+    repeat: bool = True  # start a new epoch at the end of this source (false: it runs out, see on_exhausted)
+
+    def __post_init__(self) -> None:
+        if not self.name or not _NAME_RE.match(self.name):
+            raise ValueError(
+                f"data source name {self.name!r} must be non-empty letters, digits, '_', '.' or '-' (it names a "
+                f"metric and a dataset); rename it"
+            )
+        if not self.path:
+            raise ValueError(
+                f"data source {self.name!r}: set its path to a packed dir made by jobs/preprocess.py"
+            )
+        if not (self.weight > 0 and np.isfinite(self.weight)):
+            raise ValueError(
+                f"data source {self.name!r}: weight must be a finite number > 0, got {self.weight}"
+            )
+
+
+@dataclass
+class MixtureSection:
+    sources: list[SourceSection] = field(default_factory=list)  # at least one (checked by `check`)
+    global_batch_tokens: int = (
+        65536  # token budget of one global step, all workers and micro-batches together
+    )
+    on_exhausted: Literal["stop", "renormalize"] = "stop"  # when a repeat=false source runs out
+    shuffle_window_rows: int = 1024  # rows permuted together per source (0 = file order); see the module doc
+    seed: int = 0  # seeds the window permutations
+    prefetch_steps: int = 2  # global steps assembled ahead by a background thread per worker
+
+    def __post_init__(self) -> None:
+        names = [s.name for s in self.sources]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"data sources must have distinct names; {dup} appear more than once")
+        if self.global_batch_tokens < 1:
+            raise ValueError(f"global_batch_tokens must be >= 1, got {self.global_batch_tokens}")
+        for key in ("shuffle_window_rows", "seed", "prefetch_steps"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
+        if self.on_exhausted == "renormalize" and all(s.repeat for s in self.sources) and self.sources:
+            log.warning("on_exhausted=renormalize has no effect: every source has repeat=true")
+
+    def check(self, pack_tokens: int) -> None:
+        """Checks that need the pack size (raise ValueError naming the keys to change)."""
+        if not self.sources:
+            raise ValueError("no data sources: list at least one {name, path, weight, repeat} under sources")
+        if self.global_batch_tokens % pack_tokens:
+            raise ValueError(
+                f"global_batch_tokens={self.global_batch_tokens} is not a multiple of pack_tokens={pack_tokens} "
+                f"(a global step is a whole number of packed rows); set it to e.g. "
+                f"{max(1, round(self.global_batch_tokens / pack_tokens)) * pack_tokens}"
+            )
+
+    def rows_per_step(self, pack_tokens: int) -> int:
+        self.check(pack_tokens)
+        return self.global_batch_tokens // pack_tokens
+
+
+def plan_accumulation(
+    global_batch_tokens: int, pack_tokens: int, world_size: int, rows_per_micro_batch: int
+) -> int:
+    """A = R / (W * m) micro-batches per rank and step, R = global_batch_tokens // pack_tokens; ValueError unless whole."""
+    if global_batch_tokens % pack_tokens:
+        raise ValueError(
+            f"global_batch_tokens={global_batch_tokens} is not a multiple of pack_tokens={pack_tokens}; "
+            "make it one"
+        )
+    rows = global_batch_tokens // pack_tokens
+    per_pass = world_size * rows_per_micro_batch
+    if world_size < 1 or rows_per_micro_batch < 1 or rows % per_pass:
+        raise ValueError(
+            f"a global step of global_batch_tokens={global_batch_tokens} is {rows} rows of pack_tokens={pack_tokens}, "
+            f"which {world_size} workers x {rows_per_micro_batch} rows per micro-batch (tokens_per_micro_batch / "
+            f"pack_tokens) do not divide; change global_batch_tokens, the number of workers or "
+            f"tokens_per_micro_batch so that workers x rows_per_micro_batch divides {rows}"
+        )
+    return rows // per_pass
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Keys and seeds
+# ----------------------------------------------------------------------------------------------------------------
+def _name_hash(name: str) -> int:
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "little")
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64 finalizer on uint64 arrays (wrapping arithmetic)."""
+    x = x.astype(np.uint64, copy=True)
+    with np.errstate(over="ignore"):
+        x ^= x >> np.uint64(30)
+        x *= np.uint64(0xBF58476D1CE4E5B9)
+        x ^= x >> np.uint64(27)
+        x *= np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
+    return x
+
+
+def _key_base(source: str, epoch: int) -> int:
+    x = _name_hash(source) ^ ((epoch * 0x9E3779B97F4A7C15) & ((1 << 64) - 1))
+    return int(_mix64(np.array([x], dtype=np.uint64))[0])
+
+
+def _keys(bases: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    keys = _mix64(np.asarray(bases, dtype=np.uint64) ^ _mix64(np.asarray(positions, dtype=np.uint64)))
+    return (keys >> np.uint64(1)).astype(np.int64)
+
+
+def row_keys(source: str, epoch: int, positions: np.ndarray) -> np.ndarray:
+    """(n,) int64 >= 0: a key per row, a function of (source name, epoch, position in the epoch order) only."""
+    return _keys(np.full(len(positions), _key_base(source, epoch), dtype=np.uint64), positions)
+
+
+def window_permutation(seed: int, source: str, epoch: int, window: int, n: int) -> np.ndarray:
+    rng = np.random.default_rng([seed, _name_hash(source), epoch, window])
+    return rng.permutation(n)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One source in epoch order
+# ----------------------------------------------------------------------------------------------------------------
+OpenEpoch = Callable[[int], Iterable[pa.Table]]  # epoch -> the source's rows in input order, as Arrow batches
+
+
+@dataclass
+class _Window:
+    table: pa.Table  # the window's input rows, in input order
+    perm: np.ndarray  # (n,) epoch-order position (relative) -> row of `table`
+    tokens: np.ndarray  # (n,) int64 num_tokens in epoch order
+
+
+class _EpochCursor:
+    """One source's rows in its epoch order, from `open_epoch(epoch)`, starting at (epoch, pos)."""
+
+    def __init__(
+        self,
+        name: str,
+        open_epoch: OpenEpoch,
+        *,
+        seed: int,
+        window_rows: int,
+        repeat: bool,
+        pack_tokens: int,
+        epoch: int,
+        pos: int,
+        exhausted: bool = False,
+    ) -> None:
+        self.name, self._open, self.seed, self.B, self.repeat = name, open_epoch, seed, window_rows, repeat
+        self.pack_tokens = pack_tokens
+        self.epoch, self.pos = epoch, pos
+        self.exhausted = exhausted
+        self._it: Iterator[pa.Table] | None = None
+        self._started = False  # the epoch is opened (and consumed rows skipped) on the first has_next()
+        self._pending: list[pa.Table] = []  # input rows read but not yet in a window
+        self._win: _Window | None = None
+        self._win_start = 0  # epoch position of the window's first row
+        self._win_index = 0
+
+    # -- input ------------------------------------------------------------------------------------------------
+    def _start_epoch(self, epoch: int, pos: int) -> None:
+        self.close()
+        self.epoch, self.pos, self._started = epoch, pos, True
+        self._it = iter(self._open(epoch))
+        self._pending, self._win = [], None
+        skip = (pos // self.B) * self.B if self.B else pos
+        self._win_index = pos // self.B if self.B else 0
+        self._win_start = skip
+        self._skip_input(skip)
+
+    def _next_input(self) -> pa.Table | None:
+        if self._pending:
+            return self._pending.pop(0)
+        assert self._it is not None
+        for t in self._it:
+            if t.num_rows:
+                return pa.Table.from_batches([t]) if isinstance(t, pa.RecordBatch) else t
+        return None
+
+    def _skip_input(self, n: int) -> None:
+        """Drop the first n input rows of the epoch: whole Arrow batches, then a slice of one."""
+        while n > 0:
+            t = self._next_input()
+            if t is None:
+                raise ValueError(
+                    f"data source {self.name!r}: the saved position (epoch {self.epoch}, row {self.pos}) is past the "
+                    f"end of its epoch ({self._win_start - n} rows); the source's data changed since the checkpoint"
+                )
+            if t.num_rows > n:
+                self._pending.insert(0, t.slice(n))
+            n -= min(n, t.num_rows)
+
+    def _load_window(self) -> bool:
+        """Read the next window; False at the end of the epoch."""
+        parts, n = [], 0
+        want = self.B or 1
+        while n < want:
+            t = self._next_input()
+            if t is None:
+                break
+            if self.B and n + t.num_rows > want:
+                self._pending.insert(0, t.slice(want - n))
+                t = t.slice(0, want - n)
+            parts.append(t)
+            n += t.num_rows
+        if not n:
+            return False
+        table = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
+        if self._win is not None:
+            self._win_start += self._win.table.num_rows
+            self._win_index += 1
+        perm = (
+            window_permutation(self.seed, self.name, self.epoch, self._win_index, n)
+            if self.B
+            else np.arange(n)
+        )
+        raw = table.column("num_tokens").to_numpy().astype(np.int64)
+        if (
+            raw.max() > self.pack_tokens
+        ):  # every rank checks every row, cheaply (the collate sees only its own)
+            r = int(np.argmax(raw > self.pack_tokens))
+            raise ValueError(
+                f"data source {self.name!r}: input row {self._win_start + r} of epoch {self.epoch} holds {raw[r]} "
+                f"tokens > pack_tokens={self.pack_tokens}; the packed dir was built with a larger pack_tokens: set "
+                f"pack_tokens to the value it was preprocessed with, or re-run jobs/preprocess.py"
+            )
+        tokens = raw[perm]
+        self._win = _Window(table, perm, tokens)
+        return True
+
+    # -- output -----------------------------------------------------------------------------------------------
+    def has_next(self) -> bool:
+        """Whether a next row exists (loads a window, starts the next epoch for a repeating source)."""
+        if self.exhausted:
+            return False
+        if not self._started:
+            self._start_epoch(self.epoch, self.pos)
+        while self._win is None or self.pos >= self._win_start + self._win.table.num_rows:
+            if self._load_window():
+                continue
+            length = self._win_start + (self._win.table.num_rows if self._win is not None else 0)
+            if self.pos > length:
+                raise ValueError(
+                    f"data source {self.name!r}: the saved position (epoch {self.epoch}, row {self.pos}) is past the "
+                    f"end of its epoch ({length} rows); the source's data changed since the checkpoint"
+                )
+            if self.pos == 0:
+                raise ValueError(
+                    f"data source {self.name!r}: epoch {self.epoch} holds no rows; check its path (an empty "
+                    f"train/ split?) or drop it from the sources"
+                )
+            if not self.repeat:
+                self.exhausted = True
+                self.close()
+                return False
+            self._start_epoch(self.epoch + 1, 0)
+        return True
+
+    def take(self) -> tuple[_Window, int, int, int, int]:
+        """(window, row of its table, epoch, position in the epoch, tokens) of the next row; has_next() first."""
+        w = self._win
+        assert w is not None
+        i = self.pos - self._win_start
+        out = (w, int(w.perm[i]), self.epoch, self.pos, int(w.tokens[i]))
+        self.pos += 1
+        return out
+
+    def close(self) -> None:
+        close = getattr(self._it, "close", None)
+        if close is not None:
+            close()  # Ray: stops the epoch's streaming execution now
+        self._it = None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The global order (all sources, all ranks)
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class _Row:
+    source: int
+    window: _Window
+    row: int  # row of window.table
+    epoch: int
+    pos: int
+    tokens: int
+
+
+class GlobalOrder:
+    """The token-deficit interleaving of the sources' epoch orders; identical on every rank."""
+
+    def __init__(
+        self,
+        sources: list[SourceSection],
+        open_epochs: dict[str, OpenEpoch],
+        *,
+        seed: int,
+        window_rows: int,
+        on_exhausted: str,
+        pack_tokens: int,
+        state: dict | None = None,
+    ) -> None:
+        missing = [s.name for s in sources if s.name not in open_epochs]
+        assert not missing, f"no reader for sources {missing}"
+        self.sources = sources
+        self.on_exhausted = on_exhausted
+        self.weights = [float(s.weight) for s in sources]
+        self.tokens = [0] * len(sources)  # tokens consumed per source (all epochs)
+        self.rows = [0] * len(sources)
+        st = (state or {}).get("sources", {})
+        self.cursors = []
+        for i, s in enumerate(sources):
+            ss = st.get(s.name, {"epoch": 0, "rows_in_epoch": 0, "tokens": 0, "rows": 0, "exhausted": False})
+            self.tokens[i], self.rows[i] = ss["tokens"], ss["rows"]
+            c = _EpochCursor(
+                s.name, open_epochs[s.name], seed=seed, window_rows=window_rows, repeat=s.repeat,
+                pack_tokens=pack_tokens, epoch=ss["epoch"], pos=ss["rows_in_epoch"], exhausted=ss["exhausted"],
+            )  # fmt: skip
+            self.cursors.append(c)
+
+    def _pick(self) -> int:
+        """The active source whose tokens are furthest below its (renormalized) weight's share; ties: the first."""
+        active = [i for i, c in enumerate(self.cursors) if not c.exhausted]
+        if not active:
+            raise DataExhausted("every data source ran out (all have repeat=false)")
+        if len(active) == 1:
+            return active[0]
+        wsum = sum(self.weights[i] for i in active)
+        total = sum(self.tokens[i] for i in active)
+        best, best_deficit = active[0], None
+        for i in active:
+            d = self.weights[i] / wsum * total - self.tokens[i]
+            if best_deficit is None or d > best_deficit:
+                best, best_deficit = i, d
+        return best
+
+    def next_row(self) -> _Row:
+        while True:
+            i = self._pick()
+            c = self.cursors[i]
+            if c.has_next():
+                win, row, epoch, pos, tok = c.take()
+                self.tokens[i] += tok
+                self.rows[i] += 1
+                return _Row(i, win, row, epoch, pos, tok)
+            if self.on_exhausted == "stop":
+                raise DataExhausted(
+                    f"data source {c.name!r} (repeat=false) ran out after {c.pos} rows of epoch {c.epoch}; "
+                    f"on_exhausted=stop ends the stream here (set its repeat: true or on_exhausted: renormalize)"
+                )
+            log.warning("data source %r ran out; continuing with the others, weights renormalized", c.name)
+
+    def state(self) -> dict[str, Any]:
+        return {
+            s.name: {
+                "epoch": c.epoch,
+                "rows_in_epoch": c.pos,
+                "tokens": int(self.tokens[i]),
+                "rows": int(self.rows[i]),
+                "exhausted": c.exhausted,
+            }
+            for i, (s, c) in enumerate(zip(self.sources, self.cursors, strict=True))
+        }
+
+    def close(self) -> None:
+        for c in self.cursors:
+            c.close()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# StepSource
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class _Step:
+    batches: list[PackedBatch]
+    stats: dict[str, float]
+    state: dict[str, Any]
+
+
+_DONE = object()
+
+
+class GlobalStepSource:
+    """`StepSource` over the global order: rank `rank` of `world_size`'s micro-batches of every global step.
+
+    `open_epochs[name](epoch)` yields source `name`'s rows in input order as Arrow batches: the same rows in the
+    same order on every rank and every run (`ray_open_epochs` for Ray Data iterators; any iterable in tests).
+    `state` is a `state_dict()` of an earlier run with the same sources, seed and shuffle window (any world size
+    or micro-batch size). A background thread assembles up to `cfg.prefetch_steps` steps ahead (0 = in the
+    caller's thread); `max_steps` bounds how many it assembles (None = until the data runs out).
+    """
+
+    def __init__(
+        self,
+        cfg: MixtureSection,
+        open_epochs: dict[str, OpenEpoch],
+        *,
+        pack_tokens: int,
+        rows_per_micro_batch: int,
+        rank: int = 0,
+        world_size: int = 1,
+        state: dict | None = None,
+        max_steps: int | None = None,
+        validate: bool = True,
+        pin_memory: bool = False,
+    ) -> None:
+        cfg.check(pack_tokens)
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        self.cfg, self.rank, self.world = cfg, rank, world_size
+        self.pack_tokens, self.m = pack_tokens, rows_per_micro_batch
+        self.R = cfg.rows_per_step(pack_tokens)
+        self.A = plan_accumulation(cfg.global_batch_tokens, pack_tokens, world_size, rows_per_micro_batch)
+        self.validate, self.pin_memory = validate, pin_memory
+        self._bases: dict[tuple[int, int], int] = {}
+        self._check_state(state)
+        self.order = GlobalOrder(
+            cfg.sources, open_epochs, seed=cfg.seed, window_rows=cfg.shuffle_window_rows,
+            on_exhausted=cfg.on_exhausted, pack_tokens=pack_tokens, state=state,
+        )  # fmt: skip
+        self.step = int(state["global_step"]) if state else 0
+        self._produced = self.step
+        self._max_step = None if max_steps is None else self.step + max_steps
+        self._state = self._snapshot(self.step)
+        self._stats: dict[str, float] = {}
+        self._queue: queue.Queue | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if cfg.prefetch_steps:
+            self._queue = queue.Queue(maxsize=cfg.prefetch_steps)
+            self._thread = threading.Thread(target=self._produce, name=f"step-source-rank{rank}", daemon=True)
+            self._thread.start()
+
+    # -- state ------------------------------------------------------------------------------------------------
+    def _identity(self) -> dict[str, Any]:
+        c = self.cfg
+        return {
+            "seed": c.seed,
+            "shuffle_window_rows": c.shuffle_window_rows,
+            "sources": [s.name for s in c.sources],
+        }
+
+    def _check_state(self, state: dict | None) -> None:
+        if state is None:
+            return
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(
+                f"data state version {state.get('version')} != {STATE_VERSION}; it cannot be resumed"
+            )
+        saved, now = state["order"], self._identity()
+        for key in ("seed", "shuffle_window_rows"):
+            if saved[key] != now[key]:
+                raise ValueError(
+                    f"the checkpoint's data order has {key}={saved[key]} but the config says {now[key]}; the saved "
+                    f"position only means something in the same order: set {key}: {saved[key]} to resume"
+                )
+        if sorted(saved["sources"]) != sorted(now["sources"]):
+            raise ValueError(
+                f"the checkpoint's data sources {saved['sources']} differ from the config's {now['sources']}; "
+                "resume with the same sources (a new mixture starts a new phase from a fresh data state)"
+            )
+        if state.get("rows_per_step") not in (None, self.R):
+            log.warning(
+                "global step size changed from %s to %d rows: the run continues at the next unseen row, but its "
+                "steps no longer hold the same rows as the original run",
+                state["rows_per_step"], self.R,
+            )  # fmt: skip
+
+    def _snapshot(self, step: int) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION,
+            "global_step": step,
+            "rows_per_step": self.R,
+            "order": self._identity(),
+            "sources": self.order.state(),
+        }
+
+    def state_dict(self) -> dict:
+        """The data position after the last step `next_step` returned (JSON-able, world-size independent)."""
+        return self._state
+
+    def step_stats(self) -> dict[str, float]:
+        """Metrics of the last returned step: `data/tokens/<source>` (the whole global step's tokens of that
+        source), `data/share/<source>` (its realized token share so far) and `data/epoch/<source>`."""
+        return self._stats
+
+    # -- assembly ---------------------------------------------------------------------------------------------
+    def _assemble(self) -> _Step:
+        rows = [self.order.next_row() for _ in range(self.R)]
+        mine = rows[self.rank * self.A * self.m : (self.rank + 1) * self.A * self.m]
+        batches = [self._collate(mine[a * self.m : (a + 1) * self.m]) for a in range(self.A)]
+        names = [s.name for s in self.cfg.sources]
+        step_tokens = np.zeros(len(names), dtype=np.int64)
+        for r in rows:
+            step_tokens[r.source] += r.tokens
+        total = max(sum(self.order.tokens), 1)
+        stats: dict[str, float] = {}
+        for i, n in enumerate(names):
+            stats[f"data/tokens/{n}"] = float(step_tokens[i])
+            stats[f"data/share/{n}"] = float(self.order.tokens[i]) / total
+            stats[f"data/epoch/{n}"] = float(self.order.cursors[i].epoch)
+        self._produced += 1
+        return _Step(batches, stats, self._snapshot(self._produced))
+
+    def _collate(self, rows: list[_Row]) -> PackedBatch:
+        parts: list[pa.Table] = []
+        run: list[int] = []
+        for j, r in enumerate(rows):  # one `take` per run of rows from the same window
+            run.append(r.row)
+            if j + 1 == len(rows) or rows[j + 1].window is not r.window:
+                parts.append(r.window.table.take(pa.array(run, type=pa.int64())))
+                run = []
+        table = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
+        out = collate_packed(
+            table,
+            self.m * self.pack_tokens,
+            max_pad_segment=self.pack_tokens,
+            validate=self.validate,
+            pack_tokens=self.pack_tokens,
+            source="train micro-batch (packed rows)",
+        )
+        bases = np.array([self._key_bases(r.source, r.epoch) for r in rows], dtype=np.uint64)
+        out.row_keys = torch.from_numpy(_keys(bases, np.array([r.pos for r in rows], dtype=np.uint64)))
+        if self.pin_memory:
+            out.input_ids = out.input_ids.pin_memory()
+            out.position_ids = out.position_ids.pin_memory()
+            out.cu_seqlens = out.cu_seqlens.pin_memory()
+        return out
+
+    def _key_bases(self, source: int, epoch: int) -> int:
+        k = (source, epoch)
+        if k not in self._bases:
+            self._bases[k] = _key_base(self.cfg.sources[source].name, epoch)
+        return self._bases[k]
+
+    def _next_assembled(self) -> _Step | None:
+        if self._max_step is not None and self._produced >= self._max_step:
+            return None
+        return self._assemble()
+
+    # -- producer thread --------------------------------------------------------------------------------------
+    def _put(self, item: Any) -> bool:
+        assert self._queue is not None
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _produce(self) -> None:
+        try:
+            while not self._stop.is_set():
+                step = self._next_assembled()
+                if step is None:
+                    break
+                if not self._put(step):
+                    return
+        except BaseException as exc:  # DataExhausted included: handed to the consumer
+            self._put(exc)
+            return
+        self._put(_DONE)
+
+    # -- StepSource -------------------------------------------------------------------------------------------
+    def next_step(self) -> list[PackedBatch]:
+        """This rank's A micro-batches of the next global step. Raises DataExhausted when no full step is left
+        (the state stays at the last full step), RuntimeError past `max_steps`."""
+        if self._queue is None:
+            step = self._next_assembled()
+        else:
+            item = self._queue.get()
+            if isinstance(item, BaseException):
+                self._queue.put(item)  # every later call raises it too
+                raise item
+            step = None if item is _DONE else item
+            if step is None:
+                self._queue.put(_DONE)
+        if step is None:
+            raise RuntimeError(f"rank {self.rank}: next_step() past max_steps (step {self.step})")
+        self.step += 1
+        self._state, self._stats = step.state, step.stats
+        return step.batches
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(5.0)
+        if self._thread is None or not self._thread.is_alive():
+            self.order.close()  # else the thread is blocked inside a reader (a daemon): leave it to the process
+
+    def __enter__(self) -> GlobalStepSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Ray glue
+# ----------------------------------------------------------------------------------------------------------------
+def dataset_name(source: str) -> str:
+    """The Ray Train dataset name of a source (`datasets={dataset_name(s.name): read_packed(s.path)}`)."""
+    return f"train.{source}"
+
+
+def check_sources(cfg: MixtureSection, pack_tokens: int) -> None:
+    """Driver-side checks before Ray Train starts (never retried by FailureConfig): config, and a train split
+    in every source's packed dir."""
+    from pipelines.mlm.packed_io import has_packed_split
+
+    cfg.check(pack_tokens)
+    for s in cfg.sources:
+        if not has_packed_split(s.path, "train"):
+            raise ValueError(
+                f"data source {s.name!r}: {s.path} has no train/*.parquet shards; build it with "
+                f"`python jobs/preprocess.py --output {s.path}` or fix the source's path"
+            )
+
+
+def source_datasets(cfg: MixtureSection) -> dict[str, Any]:
+    """Driver side: {dataset_name(source): Ray Dataset of its packed rows} for `TorchTrainer(datasets=...)`."""
+    from pipelines.mlm.packed_io import read_packed
+
+    return {dataset_name(s.name): read_packed(s.path, split="train") for s in cfg.sources}
+
+
+def source_data_config(split: list[str] | None = None):
+    """The `DataConfig` for `source_datasets`: nothing split (every worker reads every source in full, see the
+    module doc) unless named in `split` (e.g. other datasets of the run), and `preserve_order=True` so that
+    every worker sees the same order."""
+    from ray.data import ExecutionOptions
+    from ray.train import DataConfig
+
+    return DataConfig(
+        datasets_to_split=list(split or []), execution_options=ExecutionOptions(preserve_order=True)
+    )
+
+
+def ray_open_epochs(iterators: dict[str, Any], *, prefetch_batches: int = 2) -> dict[str, OpenEpoch]:
+    """`open_epochs` over Ray `DataIterator`s of NON-split datasets: whole blocks as Arrow tables, in order.
+
+    `batch_size=None` hands Ray's blocks over as they are (no re-batching copy); the order is the dataset's
+    (deterministic under `preserve_order=True`), and every epoch re-executes the dataset from its start.
+    """
+
+    def opener(it: Any) -> OpenEpoch:
+        def open_epoch(epoch: int) -> Iterable[pa.Table]:
+            return it.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=prefetch_batches)
+
+        return open_epoch
+
+    return {name: opener(it) for name, it in iterators.items()}
+
+
+def step_source_from_shards(
+    cfg: MixtureSection,
+    *,
+    pack_tokens: int,
+    rows_per_micro_batch: int,
+    state: dict | None = None,
+    max_steps: int | None = None,
+    prefetch_batches: int = 2,
+    pin_memory: bool = False,
+) -> GlobalStepSource:
+    """On a Ray Train worker: the `GlobalStepSource` of this rank over `get_dataset_shard(dataset_name(s))`."""
+    import ray.train
+
+    ctx = ray.train.get_context()
+    its = {s.name: ray.train.get_dataset_shard(dataset_name(s.name)) for s in cfg.sources}
+    return GlobalStepSource(
+        cfg,
+        ray_open_epochs(its, prefetch_batches=prefetch_batches),
+        pack_tokens=pack_tokens,
+        rows_per_micro_batch=rows_per_micro_batch,
+        rank=ctx.get_world_rank(),
+        world_size=ctx.get_world_size(),
+        state=state,
+        max_steps=max_steps,
+        validate=False,  # read_packed validates every row group as it streams
+        pin_memory=pin_memory,
+    )
+
+
+__all__ = [
+    "DataExhausted",
+    "check_sources",
+    "source_data_config",
+    "source_datasets",
+    "GlobalOrder",
+    "GlobalStepSource",
+    "MixtureSection",
+    "SourceSection",
+    "StepSource",
+    "dataset_name",
+    "plan_accumulation",
+    "ray_open_epochs",
+    "row_keys",
+    "step_source_from_shards",
+    "window_permutation",
+]

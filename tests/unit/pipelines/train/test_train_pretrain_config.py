@@ -159,7 +159,9 @@ def test_packed_dir_of_another_pack_size_is_refused_on_the_driver_with_both_fixe
     cfg = load_pretrain_config(None, ["--data.packed_dir", str(tmp_path)])
     check_packed_dir(cfg)  # no report.json: nothing to compare (the collate checks every row)
     (tmp_path / "report.json").write_text(json.dumps({"config": {"pack_tokens": 8192}}))
-    with pytest.raises(ValueError, match=r"packed with pack_tokens=8192.*--data.pack_tokens 8192.*--pack-tokens 512"):
+    with pytest.raises(
+        ValueError, match=r"packed with pack_tokens=8192.*--data.pack_tokens 8192.*--pack-tokens 512"
+    ):
         check_packed_dir(cfg)
     (tmp_path / "report.json").write_text(json.dumps({"config": {"pack_tokens": 512}}))
     check_packed_dir(cfg)

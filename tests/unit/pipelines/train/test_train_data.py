@@ -1,0 +1,355 @@
+"""The world-size-independent global data order (`pipelines.train.data`), on in-memory Arrow tables (no Ray)."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from neobert.schema import PACKED_SCHEMA
+from pipelines.train.data import (
+    DataExhausted,
+    GlobalStepSource,
+    MixtureSection,
+    SourceSection,
+    plan_accumulation,
+    row_keys,
+)
+
+PACK = 16
+
+
+def packed_table(uid0: int, lengths: list[int]) -> pa.Table:
+    """One segment per row; every token of row i is the row's uid (uid0 + i), so a row is recognizable anywhere."""
+    ids = [[uid0 + i] * n for i, n in enumerate(lengths)]
+    return pa.table(
+        {
+            "input_ids": pa.array(ids, pa.list_(pa.int32())),
+            "position_ids": pa.array([list(range(n)) for n in lengths], pa.list_(pa.int32())),
+            "cu_seqlens": pa.array([[0, n] for n in lengths], pa.list_(pa.int32())),
+            "max_seqlen": pa.array(lengths, pa.int32()),
+            "num_tokens": pa.array(lengths, pa.int32()),
+            "num_segments": pa.array([1] * len(lengths), pa.int32()),
+        },
+        schema=PACKED_SCHEMA,
+    )
+
+
+def make_source(uid0: int, num_rows: int, seed: int, batch_rows: int = 7) -> tuple[pa.Table, list[int]]:
+    lengths = np.random.default_rng(seed).integers(4, PACK + 1, num_rows).tolist()
+    return packed_table(uid0, lengths), lengths
+
+
+class Reader:
+    """`open_epoch`: the table in batches of `batch_rows` (another batch size per reader must not matter)."""
+
+    def __init__(self, table: pa.Table, batch_rows: int = 7) -> None:
+        self.table, self.batch_rows, self.opened = table, batch_rows, []
+
+    def __call__(self, epoch: int):
+        self.opened.append(epoch)
+        return iter(self.table.to_batches(max_chunksize=self.batch_rows))
+
+
+def row_uids(batch) -> list[int]:
+    """The uid of every real row of a collated batch (one segment per row in these tables)."""
+    cu = batch.cu_seqlens.numpy()
+    starts = [int(s) for s in cu[:-1] if s < batch.num_tokens]
+    return [int(batch.input_ids[s]) for s in starts]
+
+
+def mixture(*sources: SourceSection, gbt: int = 6 * PACK, window: int = 5, **kw) -> MixtureSection:
+    return MixtureSection(
+        sources=list(sources), global_batch_tokens=gbt, shuffle_window_rows=window, prefetch_steps=0, **kw
+    )
+
+
+TABLES = {"a": make_source(1000, 23, 1)[0], "b": make_source(5000, 41, 2)[0]}
+
+
+def opener(batch_rows: int = 7):
+    return {n: Reader(t, batch_rows) for n, t in TABLES.items()}
+
+
+def run(cfg, *, world: int, m: int, steps: int, state=None, batch_rows: int = 7):
+    """Per global step: the rows of every rank in rank order (uids and row keys), and the state after each step."""
+    srcs = [
+        GlobalStepSource(
+            cfg, opener(batch_rows + r), pack_tokens=PACK, rows_per_micro_batch=m, rank=r, world_size=world,
+            state=json.loads(json.dumps(state)) if state else None,
+        )
+        for r in range(world)
+    ]  # fmt: skip
+    out, states = [], []
+    for _ in range(steps):
+        uids, keys = [], []
+        for s in srcs:
+            batches = s.next_step()
+            assert len(batches) == cfg.global_batch_tokens // PACK // (world * m)
+            for b in batches:
+                assert b.row_keys is not None and len(b.row_keys) == b.num_rows == m
+                uids += row_uids(b)
+                keys += b.row_keys.tolist()
+        out.append((uids, keys))
+        st = [s.state_dict() for s in srcs]
+        assert all(x == st[0] for x in st), "every rank must hold the same global position"
+        states.append(st[0])
+    for s in srcs:
+        s.close()
+    return out, states
+
+
+TWO = (SourceSection("a", "/a", weight=1.0), SourceSection("b", "/b", weight=3.0))
+
+
+@pytest.mark.parametrize("world,m", [(2, 1), (3, 2), (6, 1), (1, 3)])
+def test_global_order_does_not_depend_on_world_size(world, m):
+    cfg = mixture(*TWO)
+    ref, _ = run(cfg, world=1, m=2, steps=12)
+    got, _ = run(cfg, world=world, m=m, steps=12)
+    assert got == ref  # the same rows, in the same order, with the same keys in every global step
+    uids = [u for step, _ in ref for u in step]
+    assert len(uids) == 72
+
+
+def test_resume_at_every_step_on_another_world_and_micro_batch_size():
+    cfg = mixture(*TWO)
+    steps = 14
+    ref, states = run(cfg, world=2, m=3, steps=steps)
+    for k in range(steps):
+        for world, m in [(3, 1), (1, 2), (6, 1)]:
+            got, _ = run(cfg, world=world, m=m, steps=steps - k - 1, state=states[k])
+            assert got == ref[k + 1 :], f"resume after step {k + 1} on W={world}, m={m}"
+    # within one epoch of a source no row comes twice, and consumption covers each epoch fully before the next
+    seen = [u for step, _ in ref for u in step]
+    for uid0, n in ((1000, 23), (5000, 41)):
+        rows = [u for u in seen if uid0 <= u < uid0 + n]
+        for e in range(len(rows) // n):
+            assert sorted(rows[e * n : (e + 1) * n]) == list(range(uid0, uid0 + n))
+
+
+def test_state_is_json_and_counts_global_position():
+    cfg = mixture(*TWO)
+    _, states = run(cfg, world=2, m=1, steps=9)
+    st = states[-1]
+    assert json.loads(json.dumps(st)) == st
+    assert st["global_step"] == 9 and st["rows_per_step"] == 6
+    rows = sum(s["rows"] for s in st["sources"].values())
+    assert rows == 54
+    for name, n in (("a", 23), ("b", 41)):
+        s = st["sources"][name]
+        assert s["rows"] == s["epoch"] * n + s["rows_in_epoch"]
+
+
+def test_epoch_rollover_reshuffles_and_counts_epochs():
+    cfg = mixture(SourceSection("a", "/a"), gbt=4 * PACK, window=5)
+    out, states = run(cfg, world=1, m=4, steps=12)  # 48 rows of a 23-row source: epochs 0, 1 and 2 begin
+    uids = [u for step, _ in out for u in step]
+    e0, e1 = uids[:23], uids[23:46]
+    assert sorted(e0) == sorted(e1) == list(range(1000, 1023))
+    assert e0 != e1, "each epoch has its own permutation"
+    assert states[-1]["sources"]["a"] == {"epoch": 2, "rows_in_epoch": 2, "tokens": states[-1]["sources"]["a"]["tokens"],
+                                          "rows": 48, "exhausted": False}  # fmt: skip
+    keys = [k for _, ks in out for k in ks]
+    assert len(set(keys)) == 48, "row keys differ across epochs"
+    assert keys[:23] == row_keys("a", 0, np.arange(23)).tolist()
+
+
+def test_shuffle_window_permutes_within_windows_only_and_zero_keeps_file_order():
+    out, _ = run(mixture(SourceSection("a", "/a"), gbt=PACK, window=0), world=1, m=1, steps=23)
+    assert [u for step, _ in out for u in step] == list(range(1000, 1023))
+    out, _ = run(mixture(SourceSection("a", "/a"), gbt=PACK, window=5), world=1, m=1, steps=23)
+    uids = [u for step, _ in out for u in step]
+    assert uids != list(range(1000, 1023))
+    for w in range(5):
+        assert sorted(uids[w * 5 : w * 5 + 5]) == list(range(1000 + w * 5, min(1023, 1005 + w * 5)))
+
+
+def test_batching_of_the_input_stream_does_not_matter():
+    cfg = mixture(*TWO)
+    a, _ = run(cfg, world=2, m=1, steps=10, batch_rows=1)
+    b, _ = run(cfg, world=2, m=1, steps=10, batch_rows=50)
+    assert a == b
+
+
+def test_mixture_token_share_within_one_percent():
+    tables = {n: make_source(10_000 * (i + 1), 97, 10 + i)[0] for i, n in enumerate("xyz")}
+    weights = {"x": 0.2, "y": 0.4, "z": 0.4}
+    cfg = mixture(*(SourceSection(n, f"/{n}", weight=w) for n, w in weights.items()), gbt=4 * PACK, window=16)
+    src = GlobalStepSource(
+        cfg, {n: Reader(t) for n, t in tables.items()}, pack_tokens=PACK, rows_per_micro_batch=2, world_size=2
+    )
+    tokens = dict.fromkeys(weights, 0.0)
+    for _ in range(100):  # 400 rows, several epochs of every source
+        src.next_step()
+        for n in weights:
+            tokens[n] += src.step_stats()[f"data/tokens/{n}"]
+    total = sum(tokens.values())
+    st = src.state_dict()["sources"]
+    for n, w in weights.items():
+        assert abs(tokens[n] / total - w) < 0.01, (n, tokens[n] / total)
+        assert abs(src.step_stats()[f"data/share/{n}"] - w) < 0.01
+        assert st[n]["tokens"] == tokens[n]
+    assert st["y"]["epoch"] >= 1  # 160 rows of a 97-row source
+
+
+def _exhaust_cfg(on_exhausted):
+    return mixture(
+        SourceSection("a", "/a", weight=1.0, repeat=False), SourceSection("b", "/b", weight=1.0),
+        gbt=4 * PACK, on_exhausted=on_exhausted,
+    )  # fmt: skip
+
+
+def test_non_repeating_source_stops_the_stream():
+    src = GlobalStepSource(_exhaust_cfg("stop"), opener(), pack_tokens=PACK, rows_per_micro_batch=4)
+    n = 0
+    with pytest.raises(DataExhausted, match="'a' .*repeat=false.*ran out"):
+        while True:
+            src.next_step()
+            n += 1
+    st = src.state_dict()
+    assert st["global_step"] == n and st["sources"]["a"]["rows"] <= 23
+    assert sum(s["rows"] for s in st["sources"].values()) == 4 * n  # the partial step is not counted
+
+
+def test_non_repeating_source_renormalizes_and_resumes_after_running_out():
+    cfg = _exhaust_cfg("renormalize")
+    ref, states = run(cfg, world=1, m=4, steps=30)
+    st = states[-1]["sources"]
+    assert st["a"]["rows"] == 23 and st["a"]["exhausted"]
+    assert st["b"]["rows"] == 120 - 23 and st["b"]["epoch"] == 2
+    assert [u for u in ref[-1][0] if u < 5000] == []  # only b after a ran out
+    for k in (5, 20):  # before and after the exhaustion
+        got, _ = run(cfg, world=2, m=2, steps=30 - k - 1, state=states[k])
+        assert got == ref[k + 1 :]
+
+
+def test_all_sources_exhausted():
+    cfg = mixture(
+        SourceSection("a", "/a", repeat=False), SourceSection("b", "/b", repeat=False),
+        gbt=4 * PACK, on_exhausted="renormalize",
+    )  # fmt: skip
+    src = GlobalStepSource(cfg, opener(), pack_tokens=PACK, rows_per_micro_batch=4)
+    with pytest.raises(DataExhausted, match="every data source ran out"):
+        for _ in range(100):
+            src.next_step()
+    assert src.state_dict()["global_step"] == 16  # 64 rows = 16 full steps of 4
+
+
+def test_background_prefetch_gives_the_same_steps_and_stops_at_max_steps():
+    cfg = mixture(*TWO)
+    ref, _ = run(cfg, world=2, m=1, steps=8)
+    pre = MixtureSection(**{**cfg.__dict__, "prefetch_steps": 3})
+    with GlobalStepSource(
+        pre, opener(), pack_tokens=PACK, rows_per_micro_batch=3, rank=1, world_size=2, max_steps=8
+    ) as src:
+        got = [row_uids(src.next_step()[0]) for _ in range(8)]
+        with pytest.raises(RuntimeError, match="past max_steps"):
+            src.next_step()
+    assert got == [uids[3:] for uids, _ in ref]
+
+
+def test_config_and_plan_errors_name_the_fix(caplog):
+    with pytest.raises(ValueError, match="rename it"):
+        SourceSection("a/b", "/x")
+    with pytest.raises(ValueError, match="set its path"):
+        SourceSection("a", "")
+    with pytest.raises(ValueError, match="weight must be"):
+        SourceSection("a", "/a", weight=0)
+    with pytest.raises(ValueError, match="distinct names"):
+        MixtureSection(sources=[SourceSection("a", "/a"), SourceSection("a", "/b")])
+    with pytest.raises(ValueError, match="set it to e.g. 96"):
+        MixtureSection(sources=[SourceSection("a", "/a")], global_batch_tokens=100).check(PACK)
+    with pytest.raises(ValueError, match="no data sources"):
+        MixtureSection().check(PACK)
+    with pytest.raises(ValueError, match="workers x rows_per_micro_batch divides 6"):
+        plan_accumulation(6 * PACK, PACK, world_size=4, rows_per_micro_batch=1)
+    assert plan_accumulation(12 * PACK, PACK, world_size=2, rows_per_micro_batch=3) == 2
+    with caplog.at_level(logging.WARNING):
+        MixtureSection(sources=[SourceSection("a", "/a")], on_exhausted="renormalize")
+    assert "has no effect" in caplog.text
+
+
+def test_resume_refuses_another_order():
+    cfg = mixture(*TWO)
+    _, states = run(cfg, world=1, m=1, steps=2)
+    other = mixture(*TWO, seed=1)
+    with pytest.raises(ValueError, match="set seed: 0 to resume"):
+        GlobalStepSource(other, opener(), pack_tokens=PACK, rows_per_micro_batch=1, state=states[-1])
+    with pytest.raises(ValueError, match="differ from the config"):
+        GlobalStepSource(
+            mixture(TWO[0]), opener(), pack_tokens=PACK, rows_per_micro_batch=1, state=states[-1]
+        )
+
+
+def test_empty_source_is_an_error():
+    empty = {"a": Reader(TABLES["a"].slice(0, 0))}
+    src = GlobalStepSource(mixture(SourceSection("a", "/a")), empty, pack_tokens=PACK, rows_per_micro_batch=1)
+    with pytest.raises(ValueError, match="holds no rows"):
+        src.next_step()
+
+
+def test_resume_with_another_global_batch_continues_at_the_next_unseen_row(caplog):
+    cfg = mixture(*TWO)
+    ref, states = run(cfg, world=2, m=1, steps=10)
+    flat = [u for uids, _ in ref[4:] for u in uids]  # the rows after step 4, in order
+    smaller = mixture(*TWO, gbt=4 * PACK)
+    with caplog.at_level(logging.WARNING):
+        got, _ = run(smaller, world=2, m=2, steps=9, state=states[3])
+    assert "global step size changed from 6 to 4 rows" in caplog.text
+    assert [u for uids, _ in got for u in uids] == flat[:36]
+
+
+@pytest.mark.parametrize("rows_in_epoch", [24, 999])
+def test_resume_past_the_end_of_a_changed_source_is_an_error(rows_in_epoch):
+    cfg = mixture(*TWO)
+    _, states = run(cfg, world=1, m=1, steps=2)
+    st = json.loads(json.dumps(states[-1]))
+    st["sources"]["a"]["rows_in_epoch"] = rows_in_epoch  # source a has 23 rows
+    st["sources"]["b"]["tokens"] = 10**6  # so that a is picked next
+    src = GlobalStepSource(cfg, opener(), pack_tokens=PACK, rows_per_micro_batch=1, state=st)
+    with pytest.raises(ValueError, match="'a': the saved position .* past the end of its epoch"):
+        src.next_step()
+
+
+def test_rows_longer_than_pack_tokens_are_an_error_on_every_rank():
+    big = {"a": Reader(packed_table(1, [4] * 12 + [PACK + 3]))}
+    cfg = mixture(SourceSection("a", "/a"), gbt=2 * PACK, window=5)
+    for rank in (0, 1):  # rank 0 never collates row 12; it still refuses it
+        src = GlobalStepSource(cfg, big, pack_tokens=PACK, rows_per_micro_batch=1, rank=rank, world_size=2)
+        with pytest.raises(ValueError, match="'a': input row 12 of epoch 0 holds 19 tokens > pack_tokens=16"):
+            for _ in range(7):
+                src.next_step()
+
+
+def test_check_sources_on_the_driver(tmp_path):
+    import pyarrow.parquet as pq
+
+    from pipelines.train.data import check_sources
+
+    (tmp_path / "ok" / "train").mkdir(parents=True)
+    pq.write_table(TABLES["a"], tmp_path / "ok" / "train" / "part-0.parquet")
+    good = SourceSection("ok", str(tmp_path / "ok"))
+    check_sources(mixture(good), PACK)
+    with pytest.raises(ValueError, match="'gone': .* has no train/\\*.parquet shards; build it with"):
+        check_sources(mixture(good, SourceSection("gone", str(tmp_path / "gone"))), PACK)
+
+
+def test_background_thread_hands_over_exhaustion_and_keeps_the_last_full_state():
+    cfg = MixtureSection(**{**_exhaust_cfg("stop").__dict__, "prefetch_steps": 3})
+    sync = GlobalStepSource(_exhaust_cfg("stop"), opener(), pack_tokens=PACK, rows_per_micro_batch=4)
+    with GlobalStepSource(cfg, opener(), pack_tokens=PACK, rows_per_micro_batch=4) as src:
+        while True:
+            try:
+                want = sync.next_step()
+            except DataExhausted:
+                break
+            assert row_uids(src.next_step()[0]) == row_uids(want[0])
+        with pytest.raises(DataExhausted):
+            src.next_step()
+        with pytest.raises(DataExhausted):  # and again on every later call
+            src.next_step()
+        assert src.state_dict() == sync.state_dict()
