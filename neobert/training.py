@@ -15,8 +15,8 @@ Shapes: T = packed tokens of one micro-batch (the static token budget), D = mode
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -203,6 +203,25 @@ def world_size() -> int:
     return 1
 
 
+@contextmanager
+def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Skip the gradient reduction of a non-final accumulation micro-batch: DDP's `no_sync()`, FSDP2's
+    `set_requires_gradient_sync(False)`; a no-op for a bare model."""
+    no_sync = getattr(model, "no_sync", None)
+    set_sync = getattr(model, "set_requires_gradient_sync", None)
+    if enabled or (no_sync is None and set_sync is None):
+        yield
+    elif no_sync is not None:
+        with no_sync():
+            yield
+    else:
+        set_sync(False)
+        try:
+            yield
+        finally:
+            set_sync(True)
+
+
 def train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -226,7 +245,7 @@ def train_step(
 
     `model(input_ids, meta, labels[, masked=mb.masked])` must return an object with `loss_sum` and `num_correct`
     (MLMLossOutput); `masked` is passed when the micro-batch carries CPU-gathered masked rows.
-    DDP gradient sync runs only on the last micro-batch (`no_sync` on the others).
+    Gradients are reduced only after the last micro-batch (`gradient_sync`: DDP or FSDP2).
     """
     assert micro_batches, "train_step needs at least one micro-batch"
     device = micro_batches[0].input_ids.device
@@ -237,22 +256,19 @@ def train_step(
     scale = world_size() / global_masked.clamp_min(1).to(torch.float32)  # device scalar
     loss_sum = torch.zeros((), device=device, dtype=torch.float32)
     num_correct = torch.zeros((), device=device, dtype=torch.int64)
-    no_sync = getattr(model, "no_sync", None)
     for i, mb in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
-        with nullcontext() if last or no_sync is None else no_sync(), autocast():
+        with gradient_sync(model, last), autocast():
             extra = {} if mb.masked is None else {"masked": mb.masked}  # no host sync in the model
             out = model(mb.input_ids, mb.meta, mb.labels, **extra)
         (out.loss_sum.float() * scale).backward()
         loss_sum += out.loss_sum.detach().float()
         num_correct += out.num_correct.detach().to(torch.int64)
-    if max_grad_norm is not None and max_grad_norm > 0:
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-    else:
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        grad_norm = torch.linalg.vector_norm(
-            torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])
-        )
+    # max_norm=inf measures without clipping; torch's clip handles sharded (DTensor) gradients of FSDP2 too
+    clip = max_grad_norm if max_grad_norm is not None and max_grad_norm > 0 else math.inf
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor norm; the full value is one all-reduce away
+        grad_norm = grad_norm.full_tensor()
     optimizer.step()
     if scheduler is not None:
         scheduler.step()
