@@ -195,8 +195,8 @@ def _norm(text: str) -> str:
 
 
 def dedupe_and_split(examples: list[tuple[str, int]], label_names: tuple[str, ...]) -> dict[str, LabeledSet]:
-    """Deduplicate (case/whitespace-insensitive; a text with two labels is dropped), then split by `in_test`.
-    Each split is ordered by the text's hash, so file order never matters."""
+    """Deduplicate (case/whitespace-insensitive; a text with two labels is dropped; the smallest surface form is
+    kept), then split by `in_test`. Each split is ordered by the text's hash: the input order never matters."""
     labels_of: dict[str, set[int]] = defaultdict(set)
     first: dict[str, str] = {}
     for text, label in examples:
@@ -204,7 +204,7 @@ def dedupe_and_split(examples: list[tuple[str, int]], label_names: tuple[str, ..
         if not key:
             continue
         labels_of[key].add(label)
-        first.setdefault(key, _norm(text))
+        first[key] = min(first.get(key, _norm(text)), _norm(text))  # order-independent surface form
     rows = sorted(
         ((first[k], next(iter(ls))) for k, ls in labels_of.items() if len(ls) == 1),
         key=lambda r: split_key(r[0].lower()),
