@@ -8,7 +8,7 @@
 
 results.json shape (flat "_std" entries, so a consumer reads `r[model][task]["spearman"]` directly):
     {model: {task: {metric: mean over seeds, metric + "_std": population std over seeds (0 for one run),
-                    "num_seeds": n}}}
+                    "num_seeds": n}}}      (counts such as num_pairs carry no _std)
 A task that does not apply to a model (MLM without an MLM head) is absent there and listed in run.json
 `skipped` with the reason. run.json also records tasks, seeds, max_examples, the resolved model paths, the
 data manifest (sha256 of every source file) and per-unit wall times.
@@ -153,7 +153,8 @@ def aggregate(results: list[UnitResult]) -> tuple[dict, dict]:
             for metric in runs[0]:
                 vals = np.array([run[metric] for run in runs], dtype=np.float64)
                 entry[metric] = float(vals.mean())
-                entry[f"{metric}_std"] = float(vals.std())
+                if not metric.startswith("num_"):  # counts (num_pairs, ...) are the same for every seed
+                    entry[f"{metric}_std"] = float(vals.std())
             entry["num_seeds"] = len(runs)
             out.setdefault(model, {})[task] = entry
     return out, skipped
