@@ -64,6 +64,14 @@ class EvalConfig:
             raise ValueError(f"error: --max-examples must be >= 0 (0 = full tasks), got {self.max_examples}")
         if len(set(self.models)) != len(self.models):
             raise ValueError(f"error: --model given twice: {self.models}")
+        from pipelines.eval.tasks import FINETUNED
+
+        if self.seeds and not any(t in FINETUNED for t in self.tasks):
+            log.warning("--seeds has no effect: %s are zero-shot tasks (run once)", ",".join(self.tasks))
+        if self.engine == "local" and self.num_gpus_per_task >= 0:
+            log.warning(
+                "--num-gpus-per-task has no effect with --engine local (the process uses CUDA if present)"
+            )
 
 
 @dataclasses.dataclass(frozen=True)

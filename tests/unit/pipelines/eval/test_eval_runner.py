@@ -75,3 +75,27 @@ def test_tiny_checkpoint_end_to_end_on_all_tasks(tiny_model_dir, tmp_path):
     assert "<table>" in (tmp_path / "eval" / "results.html").read_text()
     run = json.loads((tmp_path / "eval" / "run.json").read_text())
     assert run["data"]["stsb_test"]["sha256"].startswith("affe4592")
+
+
+def test_settings_without_effect_warn(caplog):
+    runner.EvalConfig(models=["reference"], tasks=["stsb"], seeds=[1, 2], engine="local", num_gpus_per_task=1)
+    assert "--seeds has no effect" in caplog.text
+    assert "--num-gpus-per-task has no effect" in caplog.text
+
+
+def test_job_reports_one_error_line_and_keeps_previous_output(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "evaluate_job", Path(__file__).resolve().parents[4] / "jobs" / "evaluate.py"
+    )
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "results.json").write_text("{}")
+    rc = job.main(["--model", str(tmp_path / "missing"), "--engine", "local", "--output", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: --model") and "does not exist" in err[0]
+    assert (out / "results.json").read_text() == "{}"
