@@ -64,3 +64,16 @@ def test_reference_encoder_matches_sentence_transformers():
     ours /= np.linalg.norm(ours, axis=1, keepdims=True)
     np.testing.assert_allclose(ours, st / np.linalg.norm(st, axis=1, keepdims=True), atol=1e-5)
     assert enc.mlm is None
+
+
+def test_hf_export_dir_embeds_like_its_model_dir(tiny_model_dir, tmp_path):
+    from neobert.export import export_hf
+    from pipelines.tokenizer import default_tokenizer_dir
+
+    export_hf(tiny_model_dir, tmp_path / "hf", tokenizer_dir=default_tokenizer_dir(), parity=False)
+    ref = resolve_model(str(tmp_path / "hf"))
+    assert ref.kind == "neobert_hf"
+    texts = ["an exported encoder", "must embed like the training one"]
+    a = load_encoder(ref, torch.device("cpu")).embed(texts, max_seq_len=32)
+    b = load_encoder(resolve_model(str(tiny_model_dir)), torch.device("cpu")).embed(texts, max_seq_len=32)
+    np.testing.assert_allclose(a, b, atol=1e-5)
