@@ -489,6 +489,7 @@ def ensure_validated(input_dir: str) -> Path:
     """
     from pipelines.contrastive.sources import ValidateContrastiveConfig
     from pipelines.contrastive.validate import MARKER_NAME, validate_contrastive
+    from pipelines.embedded import contrastive_source_configs
 
     if input_dir:
         d = Path(input_dir)
@@ -502,7 +503,7 @@ def ensure_validated(input_dir: str) -> Path:
     d = embedded_validated_dir()
     if not (d / MARKER_NAME).is_file():
         log.info("validating the embedded contrastive sources into %s (first run only)", d)
-        validate_contrastive(ValidateContrastiveConfig(output=str(d)))
+        validate_contrastive(ValidateContrastiveConfig(sources=contrastive_source_configs(), output=str(d)))
     return d
 
 
