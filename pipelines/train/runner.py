@@ -367,7 +367,9 @@ class TrainRunner:
         async_upload = self.cfg.checkpoint.async_upload
         try:
             parallel.save_sharded(tmp / parallel.DCP_DIR, self.ddp_model, self.optimizer)  # collective
-            full = parallel.full_model_state(self.ddp_model)  # collective under FSDP2; {} off rank 0
+            # the whole model for model/: a collective under FSDP2; under DDP rank 0 holds it all
+            fsdp = self.cfg.scaling.strategy == "fsdp2"
+            full = parallel.full_model_state(self.ddp_model) if fsdp or self.rank == 0 else {}
             if self.rank == 0:
                 self.save_model(tmp / "model", full)
                 if self.injecting("kill_in_checkpoint"):
@@ -452,7 +454,12 @@ class TrainRunner:
 def run_worker(runner_cls: type[TrainRunner], config_cls: type, config: dict[str, Any]) -> None:
     """The body of `train_loop_per_worker`: build the runner and run it; a `ConfigError` is recorded in the run
     dir before it propagates, and an attempt that finds such a record ends at once (no retry of a config error)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    # The project's loggers at INFO, every other one at WARNING: among them Ray Train's worker-side line per
+    # `ray.train.report` (its logger is named after its file, so RunConfig's LoggingConfig does not reach it).
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(logging.WARNING)  # also when Ray configured the root logger first
+    for name in ("neobert", "pipelines"):
+        logging.getLogger(name).setLevel(logging.INFO)
     cfg = from_dict(config_cls, config)
     if rd.recorded_config_error(cfg.run_dir) is not None:
         return

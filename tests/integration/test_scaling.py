@@ -1,11 +1,13 @@
 """DDP and FSDP2 in the training runner on Ray Train (2 CPU workers, gloo, tiny model), and one checkpoint format
 that resumes under either strategy.
 
-Four fits share the assertions (one TorchTrainer each; the data is tokenized and packed once and reused):
+Five fits share the assertions (one TorchTrainer each; the data is tokenized and packed once and reused):
   ddp   6 steps under DDP (checkpoints at 3 and 6);
   fsdp  6 steps under FSDP2, with a preemption notice injected from step 2 and asynchronous checkpoint upload;
   d2f   3 steps under DDP, then the same run re-fit under FSDP2 up to step 6;
-  f2d   3 steps under FSDP2, then the same run re-fit under DDP up to step 6.
+  f2d   3 steps under FSDP2, then the same run re-fit under DDP up to step 6;
+  elastic  6 steps on 1 to 2 workers (`scaling.num_workers: [1, 2]`), one worker SIGKILLed at step 5: Ray Train
+        restarts the group from the step-3 checkpoint and the run finishes with ddp's steps and tokens.
 The LR schedule is constant, so a run stopped at step 3 and continued to 6 follows the uninterrupted one; the
 loss of every step (logging.every_steps=1) must match the uninterrupted run of the same data within LOSS_RTOL.
 """
@@ -75,6 +77,15 @@ def runs(ray_session, tmp_path_factory):
         "fsdp": run("fsdp", **{"scaling.strategy": "fsdp2", "failure.inject_preemption_at_step": 2,
                                "checkpoint.async_upload": "true"}),
     }  # fmt: skip
+    out["elastic"] = run(
+        "elastic",
+        **{
+            "scaling.num_workers": "[1,2]",
+            "failure.inject_failure_at_step": 5,
+            "failure.inject_failure_mode": "kill",
+            "failure.max_failures": 1,
+        },
+    )
     for name, first, second in (("d2f", "ddp", "fsdp2"), ("f2d", "fsdp2", "ddp")):
         run(name, **{"scaling.strategy": first, "train.num_steps": STOP})
         out[name] = run(name, **{"scaling.strategy": second})
@@ -122,3 +133,18 @@ def test_preemption_notice_writes_one_checkpoint_at_once(runs):
     marks = [r for r in records(storage / "fsdp") if "train/preemption_checkpoints" in r]
     assert [(r["step"], r["train/preemption_checkpoints"]) for r in marks] == [(2, 1.0)]
     assert out["fsdp"].checkpoint is not None
+
+
+def test_elastic_run_survives_a_killed_worker_with_the_planned_steps_and_tokens(runs):
+    storage, out = runs
+    got, want = records(storage / "elastic"), records(storage / "ddp")
+    train = {r["step"]: r for r in got if "train/loss" in r}
+    ref = {r["step"]: r for r in want if "train/loss" in r}
+    assert sorted(train) == list(range(1, NUM_STEPS + 1))  # steps 4-5 of the killed attempt were truncated
+    # the same global batch: the masked tokens of every step, and their sum, equal the uninterrupted run's
+    assert [train[s]["train/masked_tokens"] for s in ref] == [ref[s]["train/masked_tokens"] for s in ref]
+    assert_close(
+        {s: r["train/loss"] for s, r in train.items()}, losses(storage / "ddp"), range(1, NUM_STEPS + 1)
+    )
+    with out["elastic"].checkpoint.as_directory() as d:
+        assert json.loads((Path(d) / "train_state.json").read_text())["step"] == NUM_STEPS
