@@ -142,7 +142,7 @@ class PaddedMLM(torch.nn.Module):
         return self.mlm.forward_padded(input_ids, attention_mask, labels)
 
 
-def build(cfg: NeoBERTConfig, args, device, *, dynamic: bool = False):
+def build(cfg: NeoBERTConfig, args, device, *, dynamic: bool = False, fsdp2: bool = False):
     torch.manual_seed(args.seed)
     kernels = resolve(cfg)
     if args.unfused_rope:  # RoPE as its own (inductor-fused) step, attention on q, k, v
@@ -158,8 +158,24 @@ def build(cfg: NeoBERTConfig, args, device, *, dynamic: bool = False):
     if args.compile:
         kw = {"mode": args.compile_mode} if args.compile_mode else {}
         model.encoder.compile_layers(dynamic=(args.dynamic or dynamic) or None, **kw)
+    if (
+        fsdp2
+    ):  # as the trainer's runner does: compile, then shard (bf16 all-gather on CUDA), then the optimizer
+        from pipelines.train.parallel import wrap_model
+
+        bf16 = torch.bfloat16 if device.type == "cuda" else None
+        model = wrap_model(model, strategy="fsdp2", device=device, param_dtype=bf16)
     opt = build_optimizer(model, lr=1e-4, weight_decay=0.01)  # fused AdamW on CUDA, as the trainer builds it
     return model, opt
+
+
+def init_single_process_group(device) -> None:
+    """FSDP2 needs a process group, also at world size 1 (what `scaling.strategy: fsdp2` runs on one worker)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():  # an in-process store: no port, no rendezvous
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 
 
 def autocast_for(device):
@@ -270,8 +286,11 @@ def graph_count() -> int:
 
 
 def run_variant(variant: str, cfg: NeoBERTConfig, steps: list[Step], args, device) -> dict:
-    model, opt = build(cfg, args, device, dynamic=variant == "padded")  # padded: (B, S) vary per micro-batch
-    fn = packed_step if variant == "packed" else padded_step
+    if variant == "fsdp2":
+        init_single_process_group(device)
+    # padded: (B, S) vary per micro-batch; fsdp2: the packed step on the FSDP2-sharded model (world size 1)
+    model, opt = build(cfg, args, device, dynamic=variant == "padded", fsdp2=variant == "fsdp2")
+    fn = padded_step if variant == "padded" else packed_step
     if variant == "padded":
         for s in steps:
             padded_batches(s, args, device)
@@ -286,8 +305,7 @@ def run_variant(variant: str, cfg: NeoBERTConfig, steps: list[Step], args, devic
         torch.cuda.reset_peak_memory_stats()
     graphs_at_start = graph_count()
     t0 = time.perf_counter()
-    for s in steps[: args.warmup]:
-        fn(model, opt, s, args, device)
+    warm_losses = [fn(model, opt, s, args, device) for s in steps[: args.warmup]]
     sync(device)
     warm_s = time.perf_counter() - t0
     graphs_before = graph_count()
@@ -314,18 +332,18 @@ def run_variant(variant: str, cfg: NeoBERTConfig, steps: list[Step], args, devic
     peak = peak_flops(device)
     res = {
         "variant": variant,
-        "backend": model.attn_backend if variant == "packed" else "sdpa-padded",
+        "backend": "sdpa-padded" if variant == "padded" else model.attn_backend,
         "compile": args.compile,
         "compile_mode": args.compile_mode,
         "sparse_last_layer": not args.dense_last_layer,
         "fused_rope": model.encoder.layers[0].qkv_attn_fn is not None,
-        "host_masked": variant == "packed" and not args.device_masked,
+        "host_masked": variant != "padded" and not args.device_masked,
         "ffn_backend": model.encoder.ffn_backend,
         "quack_tuned": args.quack_tuned,
         "packed_ffn": model.encoder.layers[0].packed_ffn_fn.__name__,
         "rows_ffn": model.encoder.layers[-1].rows_ffn_fn.__name__,
         "nvmmh": nvmmh_state() if model.encoder.ffn_backend == "quack" else None,
-        "max_seqlen_mode": args.max_seqlen_mode if variant == "packed" else None,
+        "max_seqlen_mode": args.max_seqlen_mode if variant != "padded" else None,
         "tokens_per_step": args.tokens_per_step,
         "max_seq_len": args.max_seq_len,
         "steps": len(timed),
@@ -336,7 +354,7 @@ def run_variant(variant: str, cfg: NeoBERTConfig, steps: list[Step], args, devic
         "tflops": flops / dt / 1e12,
         "padding_frac": (
             1 - tokens / (len(timed) * args.tokens_per_step)
-            if variant == "packed"
+            if variant != "padded"
             else _pad_frac(timed, args)
         ),
         "warmup_s": warm_s,
@@ -347,6 +365,7 @@ def run_variant(variant: str, cfg: NeoBERTConfig, steps: list[Step], args, devic
         "bf16_residual": args.bf16_residual,
         "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
         "final_loss": float(losses[-1]),
+        "losses": [round(float(x), 5) for x in warm_losses + losses],  # every step, warm-up included
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
     }
@@ -479,6 +498,18 @@ def memory_sweep(cfg: NeoBERTConfig, args, device) -> list[dict]:
     return rows
 
 
+def fsdp2_comparison(ddp: dict, fsdp2: dict) -> dict:
+    """FSDP2 at world size 1 against the plain step (what DDP runs on one worker): overhead and loss parity."""
+    diffs = [abs(a - b) for a, b in zip(ddp["losses"], fsdp2["losses"], strict=True)]
+    return {
+        "fsdp2_over_ddp_tokens_per_s": fsdp2["tokens_per_s"] / ddp["tokens_per_s"],
+        "fsdp2_overhead": 1 - fsdp2["tokens_per_s"] / ddp["tokens_per_s"],
+        "loss_steps": len(diffs),
+        "max_abs_loss_diff": max(diffs),
+        "final_loss_diff": diffs[-1],
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="base", choices=["tiny", "small", "base"])
@@ -514,7 +545,10 @@ def main(argv: list[str] | None = None) -> None:
         "--dynamic", action="store_true", help="compile with dynamic=True (else automatic dynamic)"
     )
     p.add_argument(
-        "--variants", default="packed,padded", help="comma list of packed, padded (same documents)"
+        "--variants",
+        default="packed,padded",
+        help="comma list of packed, padded, fsdp2 (the packed step on an FSDP2-sharded model, world size 1); "
+        "same documents and initialisation for all",
     )
     p.add_argument("--max-seqlen-mode", default="bound", choices=["bound", "bucket", "exact"])
     p.add_argument("--tokens-per-step", type=int, default=65536)
@@ -604,6 +638,9 @@ def main(argv: list[str] | None = None) -> None:
             ratio = by["packed"]["tokens_per_s"] / by["padded"]["tokens_per_s"]
             print(json.dumps({"packed_over_padded": ratio}), flush=True)
             results.append({"packed_over_padded": ratio, "compile": args.compile})
+        if "packed" in by and "fsdp2" in by:
+            results.append(fsdp2_comparison(by["packed"], by["fsdp2"]))
+            print(json.dumps(results[-1]), flush=True)
     if args.json_out:
         with open(args.json_out, "a") as f:
             for r in results:

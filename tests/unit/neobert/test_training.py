@@ -311,12 +311,42 @@ def test_bench_train_step_runs_the_shipped_step_on_cpu(tmp_path, monkeypatch):
     spec.loader.exec_module(bench)
     assert bench.train_step is __import__("neobert.training").training.train_step
     out = tmp_path / "bench.jsonl"
-    bench.main(
-        ["--preset", "tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--tokens-per-step", "256"]
-        + ["--max-seq-len", "64", "--median-len", "24", "--padded-batch-size", "4", "--json-out", str(out)]
-    )
+    import torch.distributed as dist
+
+    try:
+        bench.main(
+            [
+                "--preset",
+                "tiny",
+                "--device",
+                "cpu",
+                "--steps",
+                "2",
+                "--warmup",
+                "1",
+                "--tokens-per-step",
+                "256",
+            ]
+            + [
+                "--max-seq-len",
+                "64",
+                "--median-len",
+                "24",
+                "--padded-batch-size",
+                "4",
+                "--json-out",
+                str(out),
+            ]
+            + ["--variants", "packed,padded,fsdp2"]
+        )
+    finally:
+        if dist.is_initialized():  # the fsdp2 variant's world-size-1 group
+            dist.destroy_process_group()
     rows = {r.get("variant", "ratio"): r for r in map(json.loads, out.read_text().splitlines())}
     packed, padded = rows["packed"], rows["padded"]
+    # FSDP2 at world size 1 (fp32 on a CPU) runs the same arithmetic as the plain step: the same loss every step
+    assert len(rows["fsdp2"]["losses"]) == len(packed["losses"]) == 3
+    assert rows["fsdp2"]["losses"] == packed["losses"]
     assert packed["steps"] == padded["steps"] == 2 and packed["mfu"] is None  # no peak FLOP/s on a CPU
     assert packed["tokens_per_s"] > 0 and packed["max_grad_norm"] == 1.0
     diff = abs(packed["final_loss"] - padded["final_loss"])
