@@ -25,7 +25,7 @@ if has fa4; then source bench/fa4_env.sh /tmp/fa4stash .fa4b || exit 1; fi
 if has tests; then
   nvidia-smi -L; python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
   $B 240 python3 -m pytest -q -rs -s tests/unit/neobert/test_model_gpu.py tests/unit/neobert/test_loss_gpu.py 2>&1 \
-      2>&1 | tee "$OUT/gpu_tests.log" | grep -E "rel err|passed|failed|Error" | tail -30
+      | tee "$OUT/gpu_tests.log" | grep -E "rel err|passed|failed|Error" | tail -30
 fi
 if has headline; then
   $B 150 python3 -m pytest -q -rs tests/unit/neobert/test_model_gpu.py -k "fa4 or quack" 2>&1 \
