@@ -149,3 +149,31 @@ def test_incomplete_checkpoint_is_refused(tmp_path):
 def test_unknown_strategy_names_the_choices():
     with pytest.raises(ValueError, match=r"scaling.strategy='zero3'.*\['ddp', 'fsdp2'\]"):
         wrap_model(NeoBERTForMLM(_cfg()), strategy="zero3", device=torch.device("cpu"))
+
+
+class _Seen(Exception):
+    pass
+
+
+def test_fsdp2_bf16_keeps_the_blocks_fp32_inputs():
+    """With bf16 all-gathered parameters (what GPUs run) FSDP2 must not cast the blocks' floating-point inputs:
+    the RoPE tables (cos, sin) stay fp32, as the fused RoPE kernels require (an assertion there failed on the
+    H200 before) and as the bare model passes them."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        model = NeoBERTForMLM(_cfg())
+        wrap_model(model, strategy="fsdp2", device=torch.device("cpu"), param_dtype=torch.bfloat16)
+        seen: dict[str, torch.dtype] = {}
+
+        def capture(_module, args):
+            _x, cos, sin = args[:3]  # x is in the embedding's (all-gathered, bf16) dtype
+            seen.update(cos=cos.dtype, sin=sin.dtype)
+            raise _Seen  # the inputs are all this test needs
+
+        model.encoder.layers[0].register_forward_pre_hook(capture)
+        with pytest.raises(_Seen):
+            ids = torch.tensor([5, 6, 7, 8])
+            model(ids, PackedMeta.from_lengths([4]), ids)  # through the root, whose hooks gather the embeddings
+        assert seen == {"cos": torch.float32, "sin": torch.float32}, seen
+    finally:
+        dist.destroy_process_group()
