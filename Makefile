@@ -42,7 +42,7 @@ demo: data
 	$(PY) jobs/pretrain.py --checkpoint.storage_path outputs/demo
 
 test: data
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(VENV)/bin/lint-imports --no-cache
