@@ -46,7 +46,7 @@ from neobert.kernels import resolve  # noqa: E402
 from neobert.kernels.ffn import nvmmh_state  # noqa: E402
 from neobert.model import NeoBERTForMLM  # noqa: E402
 from neobert.packing import PackedMeta  # noqa: E402
-from neobert.training import MicroBatch, build_optimizer, model_flops, peak_flops, train_step  # noqa: E402
+from neobert.training import MicroBatch, build_optimizer, model_flops_for, peak_flops, train_step  # noqa: E402
 
 MASK_ID, PAD_ID = 103, 0
 
@@ -119,14 +119,8 @@ def position_ids_for(cu: torch.Tensor, total: int) -> torch.Tensor:
 
 
 def step_flops(cfg: NeoBERTConfig, step: Step) -> float:
-    return model_flops(
-        num_layers=cfg.num_layers,
-        hidden_size=cfg.hidden_size,
-        ffn_hidden_size=cfg.ffn_hidden_size,
-        vocab_size=cfg.padded_vocab_size,
-        num_tokens=step.num_tokens,
-        sum_sq_seqlens=step.attn_sq,
-        num_masked=step.num_masked,
+    return model_flops_for(
+        cfg, num_tokens=step.num_tokens, sum_sq_seqlens=step.attn_sq, num_masked=step.num_masked
     )
 
 

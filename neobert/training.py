@@ -311,6 +311,20 @@ def model_flops(
     return float(3 * fwd if training else fwd)
 
 
+def model_flops_for(cfg, *, num_tokens: int, sum_sq_seqlens: int, num_masked: int) -> float:
+    """`model_flops` of one training micro-batch of the model `cfg` describes (a `NeoBERTConfig`, or any object
+    with its `num_layers`, `hidden_size`, `ffn_hidden_size` and `padded_vocab_size`)."""
+    return model_flops(
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        ffn_hidden_size=cfg.ffn_hidden_size,
+        vocab_size=cfg.padded_vocab_size,
+        num_tokens=num_tokens,
+        sum_sq_seqlens=sum_sq_seqlens,
+        num_masked=num_masked,
+    )
+
+
 _PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A10G": 125e12, "L4": 121e12}
 
 

@@ -28,7 +28,7 @@ import torch
 
 from neobert.config_io import to_dict
 from neobert.model import NeoBERTConfig
-from neobert.training import MicroBatch, mask_seed, mask_tokens, model_flops, peak_flops, train_step
+from neobert.training import MicroBatch, mask_seed, mask_tokens, model_flops_for, peak_flops, train_step
 from pipelines.tokenizer import MASK_ID, SPECIAL_IDS
 from pipelines.train.collate import PackedBatch, PackedCollateFn
 from pipelines.train.config import (
@@ -272,13 +272,9 @@ class PretrainRunner(TrainRunner):
             self.ddp_model, self.optimizer, self.scheduler, mbs,
             max_grad_norm=self.cfg.train.max_grad_norm, autocast=self.autocast,
         )  # fmt: skip
-        m = self.cfg.model
         flops = sum(
-            model_flops(
-                num_layers=m.num_layers,
-                hidden_size=m.hidden_size,
-                ffn_hidden_size=m.ffn_hidden_size,
-                vocab_size=m.padded_vocab_size,
+            model_flops_for(
+                self.cfg.model,
                 num_tokens=b.num_tokens,
                 sum_sq_seqlens=b.sum_sq_seqlens,
                 num_masked=mb.num_masked,
