@@ -45,6 +45,7 @@ test: data
 	$(PY) -m pytest -q
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	$(VENV)/bin/lint-imports --no-cache
 
 test-unit: data
 	$(PY) -m pytest -q tests/unit
@@ -53,7 +54,7 @@ test-integration: data
 	$(PY) -m pytest -q tests/integration
 
 lint: setup
-	$(PY) -m ruff check . && $(PY) -m ruff format --check .
+	$(PY) -m ruff check . && $(PY) -m ruff format --check . && $(VENV)/bin/lint-imports --no-cache
 
 format: setup
 	$(PY) -m ruff format . && $(PY) -m ruff check --fix .

@@ -26,6 +26,7 @@ from pipelines.contrastive.validate import (  # noqa: E402
     check_inputs,
     validate_contrastive,
 )
+from pipelines.embedded import contrastive_source_configs  # noqa: E402
 
 F = cli.Flag
 FLAGS = (
@@ -41,6 +42,8 @@ FLAGS = (
 
 
 def run(cfg: ValidateContrastiveConfig, ctx: cli.Context) -> int:
+    if not cfg.sources:  # no --source: the embedded sources
+        cfg = dataclasses.replace(cfg, sources=contrastive_source_configs())
     check_inputs(cfg)  # unreadable sources, a source inside the output: refused before Ray starts
     if cfg.engine == "ray":
         ctx.init_ray(include_dashboard=False)

@@ -192,14 +192,16 @@ def save_model_dir(
     kind: Kind = "mlm",
     pooling: str | None = None,
     extra: dict[str, Any] | None = None,
+    state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write `model` (any wrapper: DDP, compiled) as a model dir. `kind="encoder"` keeps only `encoder.*` keys;
-    a bare `NeoBERT` encoder gets its keys prefixed with `encoder.` so both kinds share one key layout."""
+    a bare `NeoBERT` encoder gets its keys prefixed with `encoder.` so both kinds share one key layout.
+    `state`: the state dict to write instead of `model.state_dict()` (a sharded model's gathered full state)."""
     if kind not in ("mlm", "encoder"):
         raise ValueError(f"kind must be 'mlm' or 'encoder', got {kind!r}")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    state = clean_state_dict(unwrap_model(model).state_dict())
+    state = clean_state_dict(state if state is not None else unwrap_model(model).state_dict())
     if not any(k.startswith("encoder.") for k in state):
         state = {f"encoder.{k}": v for k, v in state.items()}  # a bare NeoBERT encoder
     if kind == "encoder":

@@ -1,7 +1,8 @@
 """NeoBERT for Hugging Face `transformers`: the exported form of a NeoBERT-on-Ray model.
 
 Self-contained on purpose: `jobs/export_hf.py` copies this file and `configuration_neobert.py` next to the
-weights and `transformers` loads them with `trust_remote_code=True`, so they import only torch and transformers.
+weights and `transformers` loads them with `trust_remote_code=True`, so they import only torch and transformers
+(and it stays one file over ~600 lines: the encoder, its attention paths and every head travel together).
 
 The math is the training model's (`neobert/model.py`), restated for padded batches:
 - token embeddings only (no absolute positions, no token types), pre-norm blocks

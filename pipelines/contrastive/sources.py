@@ -20,7 +20,6 @@ from typing import Any, Literal
 import pyarrow as pa
 
 from pipelines.contrastive.rules import BLANK_LINE, NUMERIC_IDS
-from pipelines.embedded import materialize
 from pipelines.io import (
     column_names,
     filesystem_for,
@@ -551,11 +550,3 @@ def read_raw_sources(sources: list[ResolvedSource]):
             )
         )
     return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
-
-
-def default_sources() -> list[SourceConfig]:
-    """The embedded contrastive sources (pipelines.embedded), as inline JSONL triples."""
-    data = materialize()
-    return [
-        SourceConfig(name=name, path=str(path)) for name, path in sorted(data.contrastive_sources.items())
-    ]

@@ -31,7 +31,6 @@ ends up, and publishing that), hence its length; the cross-row steps (dedup, neg
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import glob
 import json
 import logging
@@ -65,7 +64,6 @@ from pipelines.contrastive.sources import (
     SourceConfig,
     ValidateContrastiveConfig,
     _rel_file,
-    default_sources,
     iter_raw_file,
     read_raw_sources,
     resolve_source,
@@ -546,10 +544,13 @@ def _check_written_rows(out: Path, totals: dict) -> None:
 
 def check_inputs(cfg: ValidateContrastiveConfig) -> tuple[ValidateContrastiveConfig, list[ResolvedSource]]:
     """Driver-side checks before any Ray work or output: every source resolves and its files open (footers /
-    headers only), and no source lies inside OUTPUT (or OUTPUT inside a source). Returns the config with the
-    embedded sources filled in when it named none, and the resolved sources."""
+    headers only), and no source lies inside OUTPUT (or OUTPUT inside a source). Returns the config and the
+    resolved sources. (The jobs fill in the embedded sources, `pipelines.embedded.contrastive_source_configs`,
+    when the user names none.)"""
     if not cfg.sources:
-        cfg = dataclasses.replace(cfg, sources=default_sources())
+        raise ValueError(
+            "no contrastive sources: name at least one (--source NAME=PATH, or `sources:` in --sources-yaml)"
+        )
     resolved = [resolve_source(s, i) for i, s in enumerate(cfg.sources)]
     check_no_overlap([s.path for s in cfg.sources], cfg.output, what="source path")
     return cfg, resolved

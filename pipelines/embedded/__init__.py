@@ -257,3 +257,14 @@ def main(argv: list[str] | None = None) -> int:
     summary = ", ".join(f"{Path(rel).stem}={info['rows']}" for rel, info in files.items())
     print(f"[embedded] {data.root} ({summary}) in {time.perf_counter() - t0:.2f}s", file=sys.stderr)
     return 0
+
+
+def contrastive_source_configs():
+    """The embedded contrastive sources as `pipelines.contrastive.sources.SourceConfig`s (inline JSONL triples):
+    what jobs/validate_contrastive.py and contrastive training validate when no source is named."""
+    from pipelines.contrastive.sources import SourceConfig
+
+    data = materialize()
+    return [
+        SourceConfig(name=name, path=str(path)) for name, path in sorted(data.contrastive_sources.items())
+    ]

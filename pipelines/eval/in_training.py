@@ -45,14 +45,14 @@ class InTrainingEvalConfig:
     def __post_init__(self) -> None:
         bad = [t for t in self.tasks if t not in ALL_TASKS]
         if bad or not self.tasks:
-            raise ValueError(f"error: eval.tasks={self.tasks}: unknown {bad}; choose from {list(ALL_TASKS)}")
+            raise ValueError(f"eval.tasks={self.tasks}: unknown {bad}; choose from {list(ALL_TASKS)}")
         if self.every_steps < 0 or self.max_examples < 0 or self.timeout_s < 0:
             raise ValueError(
-                f"error: eval.every_steps={self.every_steps}, eval.max_examples={self.max_examples} and "
+                f"eval.every_steps={self.every_steps}, eval.max_examples={self.max_examples} and "
                 f"eval.timeout_s={self.timeout_s} must be >= 0"
             )
         if not self.seeds:
-            raise ValueError("error: eval.seeds must name at least one seed")
+            raise ValueError("eval.seeds must name at least one seed")
 
     def due(self, step: int) -> bool:
         """Whether the checkpoint reported at `step` should be validated (pass as `report(validation=...)`)."""

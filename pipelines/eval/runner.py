@@ -40,7 +40,9 @@ Engine = Literal["ray", "local"]
 
 @dataclasses.dataclass
 class EvalConfig:
-    models: list[str]  # `reference`, `random:<preset>` or paths (see pipelines.eval.encoders.resolve_model)
+    models: list[str] = dataclasses.field(
+        default_factory=list
+    )  # `reference`, `random:<preset>` or paths (see pipelines.eval.encoders.resolve_model)
     tasks: list[str] = dataclasses.field(default_factory=lambda: list(ALL_TASKS))
     output: str = "outputs/eval"  # results dir; replaced only when the whole run succeeded
     engine: Engine = "ray"  # ray: units as Ray tasks in parallel; local: in this process, one after another
@@ -51,19 +53,17 @@ class EvalConfig:
     num_cpus_per_task: float = 1.0
 
     def __post_init__(self) -> None:
-        if not self.models:
-            raise ValueError("error: pass at least one --model (e.g. --model reference)")
         bad = [t for t in self.tasks if t not in ALL_TASKS]
         if bad or not self.tasks:
             raise ValueError(
-                f"error: --tasks {','.join(self.tasks)}: unknown {bad}; choose from {','.join(ALL_TASKS)}"
+                f"--tasks {','.join(self.tasks)}: unknown {bad}; choose from {','.join(ALL_TASKS)}"
             )
         if self.engine not in ("ray", "local"):
-            raise ValueError(f"error: --engine must be 'ray' or 'local', got {self.engine!r}")
+            raise ValueError(f"--engine must be 'ray' or 'local', got {self.engine!r}")
         if self.max_examples < 0:
-            raise ValueError(f"error: --max-examples must be >= 0 (0 = full tasks), got {self.max_examples}")
+            raise ValueError(f"--max-examples must be >= 0 (0 = full tasks), got {self.max_examples}")
         if len(set(self.models)) != len(self.models):
-            raise ValueError(f"error: --model given twice: {self.models}")
+            raise ValueError(f"--model given twice: {self.models}")
         from pipelines.eval.tasks import FINETUNED
 
         if self.seeds and not any(t in FINETUNED for t in self.tasks):
@@ -195,6 +195,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     from pipelines.eval import data as D
     from pipelines.eval.report import write_tables
 
+    if not cfg.models:
+        raise ValueError("pass at least one --model (e.g. --model reference)")
     recipes = load_recipes(cfg.recipes or None)
     models = [resolve_model(m) for m in cfg.models]
     needs = {"stsb": ["stsb_test"], "stsb_ft": ["stsb_train", "stsb_test"], "polarity": ["rotten_tomatoes", "movie_snippets"],

@@ -60,11 +60,9 @@ class FinetuneRecipe:
             or self.batch_size < 1
             or self.max_seq_len < 3
         ):
-            raise ValueError(
-                f"error: bad fine-tuning recipe {self}: lr/head_lr > 0, num_epochs/batch_size >= 1"
-            )
+            raise ValueError(f"bad fine-tuning recipe {self}: lr/head_lr > 0, num_epochs/batch_size >= 1")
         if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"error: warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,14 +84,14 @@ def load_recipes(path: str | Path | None = None) -> Recipes:
     missing_zs = [t for t in ZERO_SHOT if t not in raw.get("zero_shot", {})]
     missing_ft = [t for t in FINETUNED if t not in raw.get("finetune", {})]
     if missing_zs or missing_ft or not raw.get("seeds"):
-        raise ValueError(f"error: {p}: needs `seeds` and recipes for {missing_zs + missing_ft}")
+        raise ValueError(f"{p}: needs `seeds` and recipes for {missing_zs + missing_ft}")
     ft = {}
     for task, r in raw["finetune"].items():
         try:
             ft[task] = FinetuneRecipe(**r)
         except TypeError as e:
             raise ValueError(
-                f"error: {p} finetune.{task}: {e}; fields are {list(FinetuneRecipe.__annotations__)}"
+                f"{p} finetune.{task}: {e}; fields are {list(FinetuneRecipe.__annotations__)}"
             ) from None
     return Recipes(tuple(int(s) for s in raw["seeds"]), dict(raw["zero_shot"]), ft)
 
@@ -102,7 +100,7 @@ def run_task(
     task: str, enc: Encoder, recipes: Recipes, *, seed: int, max_examples: int = 0
 ) -> dict[str, float]:
     if task not in ALL_TASKS:
-        raise ValueError(f"error: unknown task {task!r}; choose from {','.join(ALL_TASKS)}")
+        raise ValueError(f"unknown task {task!r}; choose from {','.join(ALL_TASKS)}")
     if task in FINETUNED:
         return FINETUNE_TASKS[task](enc, recipes.finetune[task], seed=seed, max_examples=max_examples)
     return ZERO_SHOT_TASKS[task](enc, recipes.zero_shot[task], max_examples=max_examples)

@@ -73,6 +73,8 @@ class CheckpointSection:
         "outputs/pretrain"  # local dir (made absolute on the driver) or a URI every node reaches
     )
     name: str = "neobert-pretrain"  # the run dir is storage_path/name; re-using it resumes that run
+    # upload a checkpoint in the background (Ray's CheckpointUploadMode.ASYNC); training goes on meanwhile
+    async_upload: bool = False
 
     def __post_init__(self) -> None:
         if self.every_steps < 0:
@@ -89,16 +91,58 @@ class CheckpointSection:
 
 @dataclass
 class ScalingSection:
-    num_workers: int = 2
+    # an int = a fixed number of workers; [min, max] = an elastic run (Ray Train keeps between min and max workers
+    # and restarts on fewer from the last checkpoint when one is lost; the global batch stays the same)
+    num_workers: int | list[int] = 2
+    strategy: str = (
+        "ddp"  # ddp = replicate the model; fsdp2 = shard parameters/gradients/optimizer (docs/scaling.md)
+    )
     use_gpu: bool = False
     resources_per_worker: dict[str, float] = field(default_factory=dict)  # e.g. {"CPU": 0.5}: room for Data
 
     def __post_init__(self) -> None:
-        if self.num_workers < 1:
+        from pipelines.train.parallel import check_strategy
+
+        n = self.num_workers
+        if isinstance(n, (list, tuple)):
+            if len(n) != 2 or not n[0] <= n[1]:
+                raise ValueError(
+                    f"scaling.num_workers must be an int or [min, max] with min <= max (an elastic run), got {list(n)}"
+                )
+            self.num_workers = [int(n[0]), int(n[1])]
+        if self.min_workers < 1:
             raise ValueError(f"scaling.num_workers must be >= 1, got {self.num_workers}")
+        check_strategy(self.strategy)
         for k, v in self.resources_per_worker.items():
             if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
                 raise ValueError(f"scaling.resources_per_worker.{k} must be a number > 0, got {v!r}")
+
+    @property
+    def elastic(self) -> bool:
+        return isinstance(self.num_workers, list) and self.num_workers[0] != self.num_workers[1]
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if isinstance(self.num_workers, list) else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers[1] if isinstance(self.num_workers, list) else self.num_workers
+
+    @property
+    def world_sizes(self) -> range:
+        """Every world size the run may train on."""
+        return range(self.min_workers, self.max_workers + 1)
+
+    def ray_scaling_config(self):
+        """Ray Train's `ScalingConfig`: `num_workers=(min, max)` for an elastic run, else the int."""
+        from ray.train import ScalingConfig
+
+        return ScalingConfig(
+            num_workers=(self.min_workers, self.max_workers) if self.elastic else self.max_workers,
+            use_gpu=self.use_gpu,
+            resources_per_worker=self.resources_per_worker or None,
+        )
 
 
 @dataclass
@@ -108,11 +152,17 @@ class FailureSection:
     # tests: "raise" = the last rank raises after the step; "kill" = it SIGKILLs itself there;
     # "kill_in_checkpoint" = rank 0 SIGKILLs itself while it writes that step's checkpoint
     inject_failure_mode: Literal["raise", "kill", "kill_in_checkpoint"] = "raise"
+    # tests: from this step on, the runner acts as if Ray Train reported a preemption notice (0 = off)
+    inject_preemption_at_step: int = 0
 
     def __post_init__(self) -> None:
         if self.max_failures < -1:
             raise ValueError(
                 f"failure.max_failures must be >= -1 (-1 = unlimited, 0 = no restart), got {self.max_failures}"
+            )
+        if self.inject_preemption_at_step < 0:
+            raise ValueError(
+                f"failure.inject_preemption_at_step must be >= 0 (0 = off), got {self.inject_preemption_at_step}"
             )
         if self.inject_failure_at_step < 0:
             raise ValueError(

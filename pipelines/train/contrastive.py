@@ -149,6 +149,20 @@ class ContrastiveConfig(TrainJobConfig):
         default_factory=lambda: LoggingSection(every_steps=10, eval_every_steps=0)
     )
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        sc = self.scaling
+        if sc.strategy != "ddp":
+            raise ValueError(
+                f"scaling.strategy={sc.strategy!r}: contrastive training runs its retrieval eval on rank 0 alone, "
+                "which a sharded (fsdp2) model cannot do; use --scaling.strategy=ddp"
+            )
+        if sc.elastic:
+            raise ValueError(
+                f"scaling.num_workers={sc.num_workers}: contrastive training's sampler position belongs to one "
+                "world size, so it cannot run elastic; give one number of workers"
+            )
+
 
 def load_contrastive_config(
     path: str | Path | None = None, overrides: list[str] | None = None
@@ -356,19 +370,13 @@ class ContrastiveRunner(TrainRunner):
         return metrics
 
     # -- model dir -----------------------------------------------------------------------------------------------
-    def save_model(self, path: Path) -> None:
+    def save_model(self, path: Path, state: dict[str, torch.Tensor]) -> None:
         from neobert.checkpoint import save_model_dir
 
         save_model_dir(
             path, self.model.encoder, self.model_cfg, kind="encoder", pooling=self.cfg.model.pooling,
-            extra={"trained_by": "contrastive", "step": self.step, "config": to_dict(self.cfg)},
+            extra={"trained_by": "contrastive", "step": self.step, "config": to_dict(self.cfg)}, state=state,
         )  # fmt: skip
-
-    def load_model(self, path: Path) -> None:
-        from neobert.checkpoint import load_model_dir
-
-        md = load_model_dir(path)
-        self.model.encoder.load_state_dict({k.removeprefix("encoder."): v for k, v in md.state_dict.items()})
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -390,7 +398,7 @@ def build_trainer(cfg: ContrastiveConfig, rows: pa.Table):
     """A `TorchTrainer` over the train/held-out split of `rows` (validated rows). The driver keeps nothing else."""
     import ray.data
     from ray.data import ExecutionOptions
-    from ray.train import DataConfig, ScalingConfig
+    from ray.train import DataConfig
     from ray.train.torch import TorchTrainer
 
     train, held = split_rows(rows, cfg.data.eval_fraction)
@@ -399,11 +407,7 @@ def build_trainer(cfg: ContrastiveConfig, rows: pa.Table):
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=to_dict(cfg),
-        scaling_config=ScalingConfig(
-            num_workers=sc.num_workers,
-            use_gpu=sc.use_gpu,
-            resources_per_worker=sc.resources_per_worker or None,
-        ),
+        scaling_config=sc.ray_scaling_config(),
         datasets={"train": ray.data.from_arrow(train), "eval": ray.data.from_arrow(held)},
         # not split: every worker samples from all rows; preserve_order: rows arrive in split_rows' order, which the
         # sampler's positions (and therefore resume) rely on
@@ -456,6 +460,14 @@ def check_contrastive_resume(cfg: ContrastiveConfig):
                 f"{cfg.run_dir} holds a checkpoint of another job (data position {data}); pick another "
                 "--checkpoint.name or --checkpoint.storage_path"
             )
+        # The sampler's position is per rank: it continues exactly only on the world size that wrote it.
+        if saved["world_size"] != cfg.scaling.num_workers:
+            raise ConfigError(
+                f"{cfg.run_dir} resumes from a checkpoint written by {saved['world_size']} workers, but "
+                f"scaling.num_workers={cfg.scaling.num_workers}: contrastive training resumes only on the same "
+                f"number; resume with --scaling.num_workers={saved['world_size']} or start a new run with another "
+                "--checkpoint.name"
+            )
 
     return check
 
@@ -489,6 +501,7 @@ def ensure_validated(input_dir: str) -> Path:
     """
     from pipelines.contrastive.sources import ValidateContrastiveConfig
     from pipelines.contrastive.validate import MARKER_NAME, validate_contrastive
+    from pipelines.embedded import contrastive_source_configs
 
     if input_dir:
         d = Path(input_dir)
@@ -502,7 +515,7 @@ def ensure_validated(input_dir: str) -> Path:
     d = embedded_validated_dir()
     if not (d / MARKER_NAME).is_file():
         log.info("validating the embedded contrastive sources into %s (first run only)", d)
-        validate_contrastive(ValidateContrastiveConfig(output=str(d)))
+        validate_contrastive(ValidateContrastiveConfig(sources=contrastive_source_configs(), output=str(d)))
     return d
 
 

@@ -453,19 +453,29 @@ class PretrainRunner(TrainRunner):
                     device="cpu",
                 )  # fmt: skip
                 self._eval_batches = []
+                total, spare = 0, None
                 for i, b in enumerate(itertools.islice(it, n)):
-                    if i % self.world == self.rank:
+                    if i % self.world == self.rank or i == 0:
                         # Eval rows are keyed by their eval position, far from any train key: same masks every eval.
                         first = (1 << 62) + i * self.cfg.rows_per_micro_batch
-                        self._eval_batches.append(b.with_row_keys(torch.arange(first, first + b.num_rows)))
+                        b = b.with_row_keys(torch.arange(first, first + b.num_rows))
+                        if i % self.world == self.rank:
+                            self._eval_batches.append((b, True))
+                        spare = spare or b
+                    total = i + 1
+                # Under FSDP2 every forward is a collective: every rank runs ceil(total / W) of them; a rank with
+                # fewer batches runs the first one again and drops its result.
+                while len(self._eval_batches) < -(-total // self.world):
+                    self._eval_batches.append((spare, False))
             self.model.eval()
-            for batch in self._eval_batches:
+            for batch, counted in self._eval_batches:
                 mb = self.to_micro_batch(batch)
-                with self.autocast():  # unwrapped: no DDP collectives
+                with self.autocast():  # the model itself: no DDP collectives (FSDP2's are balanced above)
                     out = self.model(mb.input_ids, mb.meta, mb.labels, masked=mb.masked)
-                loss_sum += float(out.loss_sum)
-                correct += float(out.num_correct)
-                masked += mb.num_masked
+                if counted:
+                    loss_sum += float(out.loss_sum)
+                    correct += float(out.num_correct)
+                    masked += mb.num_masked
             self.model.train()
         loss_sum, correct, masked = self.all_reduce([loss_sum, correct, masked])
         if masked == 0:
@@ -475,15 +485,10 @@ class PretrainRunner(TrainRunner):
         return {"eval/loss": loss_sum / masked, "eval/mlm_accuracy": correct / masked}
 
     # -- model dir -----------------------------------------------------------------------------------------------
-    def save_model(self, path: Path) -> None:
+    def save_model(self, path: Path, state: dict[str, torch.Tensor]) -> None:
         from neobert.checkpoint import save_model_dir
 
-        save_model_dir(path, self.model, self.cfg.model, kind="mlm", extra={"step": self.step})
-
-    def load_model(self, path: Path) -> None:
-        from safetensors.torch import load_file
-
-        self.model.load_state_dict(load_file(str(path / "model.safetensors")), strict=True)
+        save_model_dir(path, self.model, self.cfg.model, kind="mlm", extra={"step": self.step}, state=state)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -559,7 +564,6 @@ def build_datasets(cfg: PretrainConfig) -> dict[str, Any]:
 
 def build_trainer(cfg: PretrainConfig, datasets: dict[str, Any] | None = None):
     """The `TorchTrainer` for `cfg` (datasets built from `cfg.data` unless given; `cfg` resolved)."""
-    from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
     datasets = datasets if datasets is not None else build_datasets(cfg)
@@ -567,11 +571,7 @@ def build_trainer(cfg: PretrainConfig, datasets: dict[str, Any] | None = None):
     return TorchTrainer(
         train_loop_per_worker=train_loop_per_worker,
         train_loop_config={"config": to_dict(cfg)},
-        scaling_config=ScalingConfig(
-            num_workers=sc.num_workers,
-            use_gpu=sc.use_gpu,
-            resources_per_worker=sc.resources_per_worker or None,
-        ),
+        scaling_config=sc.ray_scaling_config(),
         datasets=datasets,
         # Nothing split: every worker reads every train source in full, in the same order (the global order
         # does not depend on the world size); eval is not split either (each rank takes its micro-batches).

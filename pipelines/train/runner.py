@@ -8,12 +8,22 @@ What the base owns (the same for every job):
 - optimizer (AdamW, no decay on norms/biases/embeddings) and LR schedule from the shared `train.*` keys;
 - the data seam: `open_data(state)` returns a `pipelines.train.data.StepSource`; its `state_dict()` goes into
   every checkpoint and comes back on resume;
-- ONE train state format: a checkpoint dir holds `model/` (`neobert.checkpoint.save_model_dir`, written by the
-  subclass's `save_model`), `train_state.json` (step, data position, world size, job state, config: what the
-  driver reads to check a resume before Ray starts) and `train_state.pt` (optimizer, scheduler, RNG states of
-  python / numpy / torch / cuda);
+- the data-parallel strategy (`scaling.strategy`: DDP or FSDP2, `pipelines.train.parallel.wrap_model`): the
+  model is built (and its blocks compiled), wrapped, and only then given its optimizer (FSDP2's parameters are
+  the sharded ones);
+- ONE checkpoint format for both strategies: a checkpoint dir holds `dcp/` (model + optimizer, sharded, written
+  by every rank through `parallel.save_sharded`; Ray Train merges the ranks' dirs into one), `model/` (the whole
+  model, `neobert.checkpoint.save_model_dir`, written by rank 0 through the subclass's `save_model`: what export,
+  eval and warm starts read), `train_state.json` (step, data position, world size, strategy, job state, config:
+  what the driver reads to check a resume before Ray starts) and `train_state.pt` (scheduler, RNG states of
+  python / numpy / torch / cuda). A resume loads `dcp/` on every rank (`parallel.load_sharded` reshards), so a
+  checkpoint of W workers under one strategy resumes on W' under either; whether the data position allows it
+  is the job's `check_resume` rule;
+- preemption: every logging window (a barrier) asks `ray.train.get_preemption_info()`; on a notice it writes a
+  checkpoint at once (once per notice), so losing the node costs at most the steps since the notice;
 - reporting: every logged window and eval goes to `ray.train.report` (a barrier, all ranks); checkpoints go
-  through it too (rank 0 attaches the dir); rank 0 writes the metric sinks (`pipelines.train.sinks`);
+  through it too (every rank attaches its dir; `checkpoint.async_upload` uploads in the background); rank 0
+  writes the metric sinks (`pipelines.train.sinks`) and one progress line per window;
 - failure injection (`failure.inject_failure_at_step`): the last rank raises at that step on an attempt that
   did not resume;
 - metrics window: a subclass's `train_step` adds sums (`self.window.add(...)`), `log_metrics` all-reduces them
@@ -46,6 +56,8 @@ import torch
 
 from neobert.config_io import from_dict, to_dict
 from neobert.training import build_optimizer, build_scheduler
+from pipelines.progress import progress_line
+from pipelines.train import parallel
 from pipelines.train import run_dir as rd
 from pipelines.train.config import ConfigError, TrainJobConfig
 from pipelines.train.data import StepSource
@@ -97,10 +109,8 @@ class TrainRunner:
         """Eval metrics (every rank calls it); {} = nothing to evaluate."""
         return {}
 
-    def save_model(self, path: Path) -> None:
-        raise NotImplementedError
-
-    def load_model(self, path: Path) -> None:
+    def save_model(self, path: Path, state: dict[str, torch.Tensor]) -> None:
+        """Rank 0: write the model dir from `state`, the whole model's state dict on the CPU."""
         raise NotImplementedError
 
     def on_start(self) -> None:
@@ -128,8 +138,16 @@ class TrainRunner:
         self.device = ray.train.torch.get_device()
         t = cfg.train
         torch.manual_seed(t.seed)  # identical init on every rank (DDP broadcasts rank 0's weights anyway)
-        self.model = self.build_model()
-        self.ddp_model = ray.train.torch.prepare_model(self.model)
+        self.use_bf16 = t.precision == "bf16" or (t.precision == "auto" and self.device.type == "cuda")
+        self.model = self.build_model()  # compiled blocks are compiled here, before sharding
+        # The module the step calls: DDP's wrapper, or under FSDP2 `self.model` itself (sharded in place: every
+        # forward of it is then a collective that all ranks must run).
+        self.ddp_model = parallel.wrap_model(
+            self.model,
+            strategy=cfg.scaling.strategy,
+            device=self.device,
+            param_dtype=torch.bfloat16 if self.use_bf16 and self.device.type == "cuda" else None,
+        )
         self.optimizer = build_optimizer(
             self.model, lr=t.lr, weight_decay=t.weight_decay, betas=(t.beta1, t.beta2), eps=t.eps
         )
@@ -140,12 +158,15 @@ class TrainRunner:
             schedule=t.schedule,
             min_lr_ratio=t.min_lr_ratio,
         )
-        self.use_bf16 = t.precision == "bf16" or (t.precision == "auto" and self.device.type == "cuda")
         dev = self.device.type
         self.autocast: Callable[[], Any] = (
             (lambda: torch.autocast(dev, dtype=torch.bfloat16)) if self.use_bf16 else nullcontext
         )
         self.step = 0
+        self.start_step = 0  # where this attempt started (progress ETA)
+        self.t_start = time.perf_counter()
+        self.preemption_notice: Any = None  # the notice a checkpoint was already written for
+        self.preemption_checkpoints = 0
         self.resumed = False
         self.data_state: dict[str, Any] | None = None
         self.files = RunFiles(cfg.run_dir)
@@ -171,11 +192,21 @@ class TrainRunner:
                     # After the step: the trace lists what completed steps trained on.
                     self.trace(batches)
                 metrics: dict[str, float] = {}
+                preempted = False
                 if self.due(self.cfg.logging.every_steps):
                     metrics |= self.log_metrics()
+                    preempted = self.preemption_due()
                 if self.due(self.cfg.logging.eval_every_steps):
                     metrics |= self.timed(self.run_eval)
-                if self.due(self.cfg.checkpoint.every_steps):
+                if self.due(self.cfg.checkpoint.every_steps) or preempted:
+                    if preempted:
+                        self.preemption_checkpoints += 1
+                        metrics["train/preemption_checkpoints"] = float(self.preemption_checkpoints)
+                        if self.sinks:
+                            self.sinks.write(
+                                self.step,
+                                {"train/preemption_checkpoints": metrics["train/preemption_checkpoints"]},
+                            )
                     self.timed(self.save_checkpoint, metrics)
                 elif metrics:
                     self.report(metrics)
@@ -183,6 +214,26 @@ class TrainRunner:
         finally:
             data.close()
         self.final_report()
+
+    def preemption_due(self) -> bool:
+        """Whether a preemption notice calls for a checkpoint now: asked once per logging window (the call is a
+        barrier across the workers), True once per notice. `failure.inject_preemption_at_step` stands in for a
+        notice from that step on (tests)."""
+        import ray.train
+
+        info = ray.train.get_preemption_info()
+        inject = self.cfg.failure.inject_preemption_at_step
+        if info is None and inject and self.step >= inject and not self.resumed:
+            info = ray.train.PreemptionInfo(deadline_ms=None, preempted_node_to_ranks={"injected": [0]})
+        if info is None or info == self.preemption_notice:
+            return False
+        self.preemption_notice = info
+        if self.rank == 0:
+            log.warning(
+                "%s: preemption notice at step %d (deadline_ms=%s, node -> ranks %s): writing a checkpoint now",
+                self.job, self.step, info.deadline_ms, info.preempted_node_to_ranks,
+            )  # fmt: skip
+        return True
 
     def due(self, every: int) -> bool:
         """Every `every` steps (0 = never) and always at the last step."""
@@ -209,14 +260,13 @@ class TrainRunner:
             d = Path(d)
             meta = json.loads((d / rd.TRAIN_STATE_JSON).read_text())
             state = torch.load(d / rd.TRAIN_STATE_FILE, map_location="cpu", weights_only=False)
-            self.load_model(d / "model")
-        if meta["world_size"] != self.world:
-            raise ConfigError(
-                f"checkpoint {ckpt.path} was written by {meta['world_size']} workers but this run has {self.world}; "
-                f"resume with --scaling.num_workers={meta['world_size']} or start a new run with another "
-                "--checkpoint.name"
-            )
-        self.optimizer.load_state_dict(state["optimizer"])
+            if not (d / parallel.DCP_DIR).is_dir():
+                raise ConfigError(
+                    f"checkpoint {ckpt.path} has no {parallel.DCP_DIR}/ (sharded model + optimizer): it was written "
+                    "by an older version; start a new run with another --checkpoint.name"
+                )
+            # Every rank reads the slices it holds: any world size and strategy of the writer (DCP reshards).
+            parallel.load_sharded(d / parallel.DCP_DIR, self.ddp_model, self.optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
         rng = state["rng"]
         random.setstate(rng["python"])
@@ -230,12 +280,15 @@ class TrainRunner:
         self.window.sums = {k: (v if self.rank == 0 else 0.0) for k, v in meta.get("window", {}).items()}
         self.load_job_state(meta.get("job", {}))
         self.resumed = True
+        self.start_step = self.step
         if self.sinks:
             self.sinks.truncate_after(self.step)
         if self.rank == 0:
             log.info(
-                "%s: resumed from %s at step %d, data %s", self.job, ckpt.path, self.step, self.data_state
-            )
+                "%s: resumed from %s at step %d (written by %d %s workers; now %d %s), data %s", self.job,
+                ckpt.path, self.step, meta["world_size"], meta.get("strategy", "ddp"), self.world,
+                self.cfg.scaling.strategy, self.data_state,
+            )  # fmt: skip
             if self.step >= self.cfg.train.num_steps:
                 log.warning(
                     "this run already finished (step %d of train.num_steps=%d), so nothing is trained; start a "
@@ -277,12 +330,14 @@ class TrainRunner:
         return metrics
 
     def emit(self, metrics: dict[str, float]) -> None:
+        """Rank 0: every metric to the sinks (metrics.jsonl keeps them all), one progress line to the log."""
         if self.sinks:
             self.sinks.write(self.step, metrics)
-            log.info(
-                "%s step %d/%d %s", self.job, self.step, self.cfg.train.num_steps,
-                " ".join(f"{k}={v:.4g}" for k, v in metrics.items()),
+            line = progress_line(
+                self.step, self.cfg.train.num_steps, metrics, time.perf_counter() - self.t_start,
+                start_step=self.start_step,
             )  # fmt: skip
+            log.info("%s %s", self.job, line)
 
     @property
     def trace_name(self) -> str:
@@ -301,46 +356,63 @@ class TrainRunner:
         ray.train.report({"step": self.step, **metrics}, checkpoint=None)
 
     def save_checkpoint(self, metrics: dict[str, float]) -> None:
-        """All ranks report (a barrier); rank 0 writes `model/` + `train_state.{json,pt}`, the others pass None."""
+        """Every rank writes its part of `dcp/` and reports its dir (a barrier; Ray Train merges the dirs); rank 0
+        also writes `model/` and `train_state.{json,pt}` (see the module docstring)."""
         import ray.train
-        from ray.train import Checkpoint
+        from ray.train import Checkpoint, CheckpointUploadMode
 
         report = {"step": self.step, **metrics}
         window = self.window_sums()
-        if self.rank != 0:
-            ray.train.report(report, checkpoint=None)
-            self.files.sync()
-            return
         tmp = Path(tempfile.mkdtemp(prefix=f"neobert-{self.job}-ckpt-"))
+        async_upload = self.cfg.checkpoint.async_upload
         try:
-            self.save_model(tmp / "model")
-            if self.injecting("kill_in_checkpoint"):
-                os.kill(os.getpid(), signal.SIGKILL)  # half a checkpoint written: model/ but no train state
-            meta = {
-                "step": self.step,
-                "window": window,
-                "data": self.data_state,
-                "world_size": self.world,
-                "job": self.job_state(),
-                "config": to_dict(self.cfg),
-            }
-            (tmp / rd.TRAIN_STATE_JSON).write_text(json.dumps(meta, indent=1) + "\n")
-            state = {
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "rng": {
-                    "python": random.getstate(),
-                    "numpy": np.random.get_state(),
-                    "torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
-                },
-            }
-            torch.save(state, tmp / rd.TRAIN_STATE_FILE)
-            ray.train.report(report, checkpoint=Checkpoint.from_directory(str(tmp)))
-        finally:
+            parallel.save_sharded(tmp / parallel.DCP_DIR, self.ddp_model, self.optimizer)  # collective
+            # the whole model for model/: a collective under FSDP2; under DDP rank 0 holds it all
+            fsdp = self.cfg.scaling.strategy == "fsdp2"
+            full = parallel.full_model_state(self.ddp_model) if fsdp or self.rank == 0 else {}
+            if self.rank == 0:
+                self.save_model(tmp / "model", full)
+                if self.injecting("kill_in_checkpoint"):
+                    os.kill(
+                        os.getpid(), signal.SIGKILL
+                    )  # half a checkpoint written: model/ but no train state
+                self.write_train_state(tmp, window)
+            del full
+            upload = dict(
+                checkpoint_upload_mode=CheckpointUploadMode.ASYNC, delete_local_checkpoint_after_upload=True
+            ) if async_upload else {}  # fmt: skip
+            ray.train.report(report, checkpoint=Checkpoint.from_directory(str(tmp)), **upload)
+        except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
-        self.sinks.flush()
+            raise
+        if not async_upload:  # uploaded by now; in async mode Ray deletes the dir once it is uploaded
+            shutil.rmtree(tmp, ignore_errors=True)
+        if self.sinks:
+            self.sinks.flush()
         self.files.sync()
+
+    def write_train_state(self, path: Path, window: dict[str, float]) -> None:
+        """`train_state.json` (what the driver checks a resume against) and `train_state.pt` (scheduler, RNG)."""
+        meta = {
+            "step": self.step,
+            "window": window,
+            "data": self.data_state,
+            "world_size": self.world,
+            "strategy": self.cfg.scaling.strategy,
+            "job": self.job_state(),
+            "config": to_dict(self.cfg),
+        }
+        (path / rd.TRAIN_STATE_JSON).write_text(json.dumps(meta, indent=1) + "\n")
+        state = {
+            "scheduler": self.scheduler.state_dict(),
+            "rng": {
+                "python": random.getstate(),
+                "numpy": np.random.get_state(),
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+            },
+        }
+        torch.save(state, path / rd.TRAIN_STATE_FILE)
 
     def injecting(self, mode: str) -> bool:
         """Whether the failure of `failure.inject_failure_mode=mode` is due now on this rank: an attempt that did
@@ -382,7 +454,12 @@ class TrainRunner:
 def run_worker(runner_cls: type[TrainRunner], config_cls: type, config: dict[str, Any]) -> None:
     """The body of `train_loop_per_worker`: build the runner and run it; a `ConfigError` is recorded in the run
     dir before it propagates, and an attempt that finds such a record ends at once (no retry of a config error)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    # The project's loggers at INFO, every other one at WARNING: among them Ray Train's worker-side line per
+    # `ray.train.report` (its logger is named after its file, so RunConfig's LoggingConfig does not reach it).
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(logging.WARNING)  # also when Ray configured the root logger first
+    for name in ("neobert", "pipelines"):
+        logging.getLogger(name).setLevel(logging.INFO)
     cfg = from_dict(config_cls, config)
     if rd.recorded_config_error(cfg.run_dir) is not None:
         return
@@ -408,27 +485,41 @@ def prepare_run(cfg: TrainJobConfig, check_resume: Callable[[dict[str, Any]], No
     if latest is not None and check_resume is not None:
         saved = rd.read_train_state(latest)
         if saved is not None:
-            if saved["world_size"] != cfg.scaling.num_workers:
-                raise ConfigError(
-                    f"{run} resumes from {latest}, written by {saved['world_size']} workers, but "
-                    f"scaling.num_workers={cfg.scaling.num_workers}: resume with "
-                    f"--scaling.num_workers={saved['world_size']} or start a new run with another --checkpoint.name"
-                )
-            check_resume(saved)
+            check_resume(saved)  # the job's rule: may its data position continue on this run's world sizes?
     path = rd.write_config(run, cfg)
     log.info("run dir %s (config: %s)", run, path)
 
 
 def run_config(cfg: TrainJobConfig):
     """Ray Train's `RunConfig` for the run dir, checkpoints and failure handling of `cfg`."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
 
     return RunConfig(
         name=cfg.checkpoint.name,
         storage_path=cfg.checkpoint.storage_path,
         checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
         failure_config=FailureConfig(max_failures=cfg.failure.max_failures),
+        # Ray Train's own INFO lines (one per report) would drown the progress lines; warnings still show
+        logging_config=LoggingConfig(log_level="WARNING"),
     )
+
+
+def check_world_sizes(cfg: TrainJobConfig, plan: Callable[[int], Any]) -> None:
+    """Driver: `plan(world_size)` (e.g. `pipelines.train.data.plan_accumulation` with the job's global batch)
+    must accept every world size an (elastic) run may train on, so that losing a worker keeps the global batch;
+    one `ConfigError` naming the sizes that do not divide it."""
+    bad = {}
+    for w in cfg.scaling.world_sizes:
+        try:
+            plan(w)
+        except ValueError as e:
+            bad[w] = str(e)
+    if bad:
+        first = next(iter(bad.values()))
+        raise ConfigError(
+            f"scaling.num_workers={cfg.scaling.num_workers}: the global batch does not split over "
+            f"{sorted(bad)} workers ({first}); pick a worker range whose every size divides it"
+        )
 
 
 def fit_trainer(trainer: Any, cfg: TrainJobConfig):

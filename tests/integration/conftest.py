@@ -92,4 +92,11 @@ def ray_session(ray_cluster):
 
     ray.init(address=ray_cluster.address, log_to_driver=False)
     yield ray_cluster
-    ray.shutdown()
+    # ray.shutdown() can block for good in its disconnect when threads of other libraries (W&B's service
+    # finalizer, tqdm monitors) are still alive in this process; the cluster fixture stops the whole cluster
+    # right after, so give the disconnect a bounded time in a daemon thread.
+    import threading
+
+    done = threading.Thread(target=ray.shutdown, name="ray-shutdown", daemon=True)
+    done.start()
+    done.join(timeout=30)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from pipelines import embedded as emb
-from pipelines.embedded import bible, packages, wiki
+from pipelines.embedded import bible, contrastive_source_configs, packages, wiki
 from pipelines.tokenizer import CLS_ID, MASK_ID, PAD_ID, SEP_ID, UNK_ID, VOCAB_SIZE, load_tokenizer
 
 MARKUP = ("{{", "}}", "[[", "]]", "<ref", "</ref", "{|", "|}", "'''", "&nbsp;", "<!--", "__TOC__")
@@ -308,7 +308,10 @@ def test_embedded_contrastive_sources_validate_without_rejections(tmp_path):
     from pipelines.contrastive.sources import ValidateContrastiveConfig
     from pipelines.contrastive.validate import validate_contrastive
 
-    report = validate_contrastive(ValidateContrastiveConfig(output=str(tmp_path / "v")), engine="local")
+    report = validate_contrastive(
+        ValidateContrastiveConfig(sources=contrastive_source_configs(), output=str(tmp_path / "v")),
+        engine="local",
+    )
     assert report["sources"], report
     for name, s in report["sources"].items():
         assert s["rows_read"] > 1000 and s["rejected"] == 0, (name, s["reasons"])

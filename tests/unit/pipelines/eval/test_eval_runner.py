@@ -47,7 +47,7 @@ def test_config_errors():
     with pytest.raises(ValueError, match="unknown \\['sst2'\\]"):
         runner.EvalConfig(models=["reference"], tasks=["sst2"])
     with pytest.raises(ValueError, match="at least one --model"):
-        runner.EvalConfig(models=[])
+        runner.evaluate(runner.EvalConfig(models=[]))
 
 
 def test_tiny_checkpoint_end_to_end_on_all_tasks(tiny_model_dir, tmp_path):
@@ -97,5 +97,10 @@ def test_job_reports_one_error_line_and_keeps_previous_output(tmp_path, capsys):
     (out / "results.json").write_text("{}")
     rc = job.main(["--model", str(tmp_path / "missing"), "--engine", "local", "--output", str(out)])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1 and err[0].startswith("error: --model") and "does not exist" in err[0]
+    assert (
+        rc == 2
+        and len(err) == 1
+        and err[0].startswith("evaluate: error: --model")
+        and "does not exist" in err[0]
+    )
     assert (out / "results.json").read_text() == "{}"
