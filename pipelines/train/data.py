@@ -475,7 +475,8 @@ def order_identity(cfg: MixtureSection) -> dict[str, Any]:
 
 def check_state(cfg: MixtureSection, state: dict | None, pack_tokens: int) -> None:
     """Refuse a saved data state that `cfg` cannot continue (ConfigError naming the setting to restore); the
-    driver calls it before Ray starts, the source again on the worker. World size and micro-batch size are free."""
+    driver calls it before Ray starts, the source again on the worker. World size and micro-batch size are free;
+    seed, shuffle window, sources and the global step size are not."""
     from pipelines.train.config import ConfigError
 
     if state is None:
@@ -499,12 +500,16 @@ def check_state(cfg: MixtureSection, state: dict | None, pack_tokens: int) -> No
             "resume with the same sources (a new mixture starts a new run from a fresh data state)"
         )
     rows = cfg.global_batch_tokens // pack_tokens
-    if state.get("rows_per_step") not in (None, rows):
-        log.warning(
-            "global step size changed from %s to %d rows: the run continues at the next unseen row, but its "
-            "steps no longer hold the same rows as the original run",
-            state["rows_per_step"], rows,
-        )  # fmt: skip
+    saved_rows = state.get("rows_per_step")
+    if saved_rows not in (None, rows):
+        # The position itself would continue at the next unseen row, but every later step would hold other rows
+        # than the original run's (and the optimizer's batch would change under it): a resume keeps the batch.
+        raise ConfigError(
+            f"the checkpoint's global step is {saved_rows} rows (global_batch_tokens={saved_rows * pack_tokens}) "
+            f"but the config's is {rows} rows (global_batch_tokens={cfg.global_batch_tokens}): set "
+            f"global_batch_tokens: {saved_rows * pack_tokens} (or leave it unset) to resume; another global batch "
+            "starts a new run (another checkpoint.name)"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ import hashlib
 import itertools
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -58,7 +59,14 @@ from pipelines.train.data import (
     source_datasets,
     step_source_from_shards,
 )
-from pipelines.train.runner import TrainRunner, fit_trainer, prepare_run, run_config, run_worker
+from pipelines.train.runner import (
+    TrainRunner,
+    check_world_sizes,
+    fit_trainer,
+    prepare_run,
+    run_config,
+    run_worker,
+)
 
 log = logging.getLogger("neobert.pretrain")
 
@@ -117,8 +125,9 @@ class DataSection:
 class PretrainTrainSection(TrainSection):
     tokens_per_micro_batch: int = 2048  # static token budget T of one micro-batch per worker (multiple rows)
     # Tokens of one optimizer step over all workers and micro-batches (a multiple of data.pack_tokens). 0 = resolved
-    # on the driver to tokens_per_micro_batch x num_workers (one micro-batch each), or, on a resume, to the
-    # checkpoint's value; the resolved value is what config.yaml holds. Accumulation is derived from it.
+    # on the driver to tokens_per_micro_batch x num_workers (one micro-batch each; elastic: x the lcm of the range),
+    # or, on a resume, to the checkpoint's value (a resume cannot change it); the resolved value is what config.yaml
+    # holds. Accumulation is derived from it and must be whole on every world size of the run.
     global_batch_tokens: int = 0
     mask_prob: float = 0.2  # NeoBERT: 20% of the non-special tokens
     mask_strategy: Literal["mask", "80_10_10"] = "mask"
@@ -168,29 +177,47 @@ class PretrainConfig(TrainJobConfig):
                 f"{self.model.max_position_embeddings}; lower data.pack_tokens or raise the model field"
             )
         if t.global_batch_tokens:
-            self.num_micro_batches  # noqa: B018  (raises ValueError naming the keys unless it divides)
+            self.check_world_sizes()
 
-    @property
-    def num_micro_batches(self) -> int:
-        """Micro-batches per worker and step, derived: global_batch_tokens / (pack_tokens x rows x workers)."""
+    def plan(self, world_size: int) -> int:
+        """Micro-batches per worker and step on `world_size` workers: global_batch_tokens / (pack_tokens x rows per
+        micro-batch x world_size); ValueError naming the keys unless it is whole."""
         t, d = self.train, self.data
         if not t.global_batch_tokens:
             raise AssertionError("train.global_batch_tokens is resolved on the driver (resolve_config)")
-        rows, per_pass = (
-            t.global_batch_tokens // d.pack_tokens,
-            self.scaling.num_workers * self.rows_per_micro_batch,
-        )
-        if t.global_batch_tokens % d.pack_tokens or rows % per_pass:
+        unit = d.pack_tokens * world_size * self.rows_per_micro_batch
+        if t.global_batch_tokens % unit:
             raise ValueError(
                 f"train.global_batch_tokens={t.global_batch_tokens} must be a multiple of data.pack_tokens="
-                f"{d.pack_tokens} x scaling.num_workers={self.scaling.num_workers} x rows per micro-batch="
-                f"{self.rows_per_micro_batch} (train.tokens_per_micro_batch // data.pack_tokens) = "
-                f"{d.pack_tokens * per_pass} tokens: set train.global_batch_tokens to e.g. "
-                f"{max(1, round(t.global_batch_tokens / (d.pack_tokens * per_pass))) * d.pack_tokens * per_pass}, "
-                "or change scaling.num_workers / train.tokens_per_micro_batch"
+                f"{d.pack_tokens} x scaling.num_workers={world_size} x rows per micro-batch="
+                f"{self.rows_per_micro_batch} (train.tokens_per_micro_batch // data.pack_tokens) = {unit} tokens: "
+                f"set train.global_batch_tokens to e.g. {max(1, round(t.global_batch_tokens / unit)) * unit}, or "
+                "change scaling.num_workers / train.tokens_per_micro_batch"
             )
-        return plan_accumulation(t.global_batch_tokens, d.pack_tokens, self.scaling.num_workers,
-                                 self.rows_per_micro_batch)  # fmt: skip
+        return plan_accumulation(t.global_batch_tokens, d.pack_tokens, world_size, self.rows_per_micro_batch)
+
+    def check_world_sizes(self) -> None:
+        """Every world size the run may train on (each of an elastic `scaling.num_workers: [min, max]`) must split
+        the global batch into whole micro-batches; else one `ConfigError` naming the sizes that do not."""
+        if not self.scaling.elastic:  # one size: its own message names the keys and a value that works
+            try:
+                self.plan(self.scaling.max_workers)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+            return
+        try:
+            check_world_sizes(self, self.plan)
+        except ConfigError as e:
+            unit = self.data.pack_tokens * self.rows_per_micro_batch * math.lcm(*self.scaling.world_sizes)
+            raise ConfigError(
+                f"{e}; e.g. train.global_batch_tokens={unit} (or a multiple: data.pack_tokens x rows per "
+                f"micro-batch x the lcm of {list(self.scaling.world_sizes)}) splits over every size of the range"
+            ) from None
+
+    @property
+    def num_micro_batches(self) -> int:
+        """Micro-batches per worker and step on `scaling.max_workers` workers (derived; see `plan`)."""
+        return self.plan(self.scaling.max_workers)
 
     def mixture(self) -> MixtureSection:
         """The `MixtureSection` of the train data (`train.global_batch_tokens` must be resolved)."""
@@ -588,13 +615,14 @@ def latest_train_state(cfg: PretrainConfig) -> dict[str, Any] | None:
 
 def resolve_config(cfg: PretrainConfig, saved: dict[str, Any] | None = None) -> PretrainConfig:
     """Driver side: `train.global_batch_tokens` = 0 becomes the checkpoint's value on a resume (`saved`: its train
-    state), else tokens_per_micro_batch x num_workers; checked against the workers and micro-batch size."""
+    state), else tokens_per_micro_batch x num_workers (elastic [min, max]: x the lcm of min..max, so that every
+    size of the range splits it); checked against every world size of the run."""
     t = cfg.train
     if t.global_batch_tokens:
         value = t.global_batch_tokens
     else:
         prev = ((saved or {}).get("config") or {}).get("train", {}).get("global_batch_tokens") or 0
-        value = prev or t.tokens_per_micro_batch * cfg.scaling.num_workers
+        value = prev or t.tokens_per_micro_batch * math.lcm(*cfg.scaling.world_sizes)
     return dataclasses.replace(cfg, train=dataclasses.replace(t, global_batch_tokens=value))
 
 
@@ -605,12 +633,12 @@ def check_pretrain_resume(cfg: PretrainConfig, saved: dict[str, Any]) -> None:
         check_state(cfg.mixture(), saved.get("data"), cfg.data.pack_tokens)
     except ValueError as e:
         raise ConfigError(f"{cfg.run_dir} cannot resume: {e}") from None
-    if saved["world_size"] != cfg.scaling.num_workers or (
+    if saved["world_size"] not in cfg.scaling.world_sizes or (
         saved.get("config", {}).get("train", {}).get("tokens_per_micro_batch")
         != cfg.train.tokens_per_micro_batch
     ):
         log.info(
-            "resuming a run written by %d workers at train.tokens_per_micro_batch=%s on %d workers at %d: the "
+            "resuming a run written by %d workers at train.tokens_per_micro_batch=%s on %s workers at %d: the "
             "global order continues at the next unseen row",
             saved["world_size"], saved.get("config", {}).get("train", {}).get("tokens_per_micro_batch"),
             cfg.scaling.num_workers, cfg.train.tokens_per_micro_batch,
@@ -623,6 +651,7 @@ def prepare_pretrain_run(cfg: PretrainConfig, *, check_inputs: bool = True) -> P
     checkpoint, then `runner.prepare_run` (incomplete checkpoints removed, the resolved `config.yaml` written)."""
     saved = latest_train_state(cfg)
     cfg = resolve_config(cfg, saved)
+    cfg.check_world_sizes()  # also on load; again here for the resolved global batch (never reaches a worker)
     if check_inputs:
         check_data(cfg)
     else:

@@ -70,7 +70,9 @@ def fake_checkpoint(
     d = run / name
     (d / "model").mkdir(parents=True)
     if data is not None:
-        (d / rd.TRAIN_STATE_JSON).write_text(json.dumps({"step": 3, "data": data, "world_size": world_size}))
+        meta = {"step": 3, "data": data, "world_size": world_size,
+                "config": {"train": {"global_batch_tokens": 8 * 512}}}  # fmt: skip
+        (d / rd.TRAIN_STATE_JSON).write_text(json.dumps(meta))
     if listed:
         snap = run / rd.SNAPSHOT_FILE
         state = json.loads(snap.read_text()) if snap.exists() else {"checkpoint_results": []}
@@ -123,14 +125,19 @@ def test_resume_on_another_world_or_micro_batch_size_is_accepted_and_an_order_ch
     base = ["--checkpoint.storage_path", str(tmp_path), "--checkpoint.name", "r", "--train.tokens_per_micro_batch",
             "2048", "--data.pack_tokens", "512"]  # fmt: skip
     fake_checkpoint(tmp_path / "r", "checkpoint_2026-01-01_00-00-01.000000", data_state())
-    for argv in (["--scaling.num_workers", "1"], ["--train.tokens_per_micro_batch", "1024"], []):
-        prepare_pretrain_run(load_pretrain_config(None, base + argv))
+    for argv in (["--scaling.num_workers", "1"], ["--train.tokens_per_micro_batch", "1024"], [],
+                 ["--scaling.num_workers", "[1, 2]"], ["--train.global_batch_tokens", "4096"]):  # fmt: skip
+        resolved = prepare_pretrain_run(load_pretrain_config(None, base + argv))
+        assert resolved.train.global_batch_tokens == 4096  # the checkpoint's: 8 rows of 512
     for argv, match in (
         (["--train.seed", "3"], r"seed=0 but the config says 3.*set seed: 0"),
         (["--data.shuffle_window_rows", "64"], r"shuffle_window_rows=1024 but the config says 64"),
+        (["--train.global_batch_tokens", "8192"], r"global step is 8 rows .* set global_batch_tokens: 4096"),
+        (["--scaling.num_workers", "[1, 3]"], r"does not split over \[3\] workers"),
     ):
-        with pytest.raises(ConfigError, match=match):
+        with pytest.raises(ConfigError, match=match) as e:
             prepare_pretrain_run(load_pretrain_config(None, base + argv))
+        assert "\n" not in str(e.value)  # one line
 
 
 class FailingRunner:
