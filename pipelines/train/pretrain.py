@@ -663,8 +663,10 @@ def prepare_pretrain_run(cfg: PretrainConfig, *, check_inputs: bool = True) -> P
     return cfg
 
 
-def fit(cfg: PretrainConfig, datasets: dict[str, Any] | None = None):
+def fit(cfg: PretrainConfig, datasets: dict[str, Any] | None = None, *, prepared: bool = False):
     """Run (or resume) the pretraining job `cfg`; returns Ray Train's `Result`. The driver resolves and checks
-    everything first (`prepare_pretrain_run`): config and data errors never reach a worker."""
-    cfg = prepare_pretrain_run(cfg, check_inputs=datasets is None)
+    everything first (`prepare_pretrain_run`; `prepared=True`: the caller did, and `cfg` is its result): config
+    and data errors never reach a worker."""
+    if not prepared:
+        cfg = prepare_pretrain_run(cfg, check_inputs=datasets is None)
     return fit_trainer(build_trainer(cfg, datasets), cfg)
