@@ -207,32 +207,37 @@ def test_resume_on_another_world_or_micro_batch_size_trains_the_uninterrupted_ro
 
 
 def test_resume_that_changes_the_data_order_or_global_batch_is_refused_before_ray(runs):
-    """One `pretrain: error:` line, exit code 2, nothing in the run dir touched, no Ray started."""
+    """A seed, shuffle window or global batch other than the checkpoint's: one ConfigError on the driver, nothing
+    in the run dir touched; through jobs/pretrain.py one `pretrain: error:` line, exit code 2, no Ray started."""
     import os
     import subprocess
     import sys
 
+    from pipelines.train.config import ConfigError
+    from pipelines.train.pretrain import load_pretrain_config, prepare_pretrain_run
+
     storage, _ = runs
-    repo = Path(__file__).resolve().parents[2]
-    before = sorted(p.name for p in (storage / "mb").iterdir())
-    config = (storage / "mb" / "config.yaml").read_text()
+    run_dir = storage / "mb"
+    before = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()}
+    mb = {"train.tokens_per_micro_batch": 4 * PACK}
     for extra, fragment in (
-        ({"train.seed": 5}, "data order has seed=0 but the config says 5; "),
         ({"data.shuffle_window_rows": 4}, "shuffle_window_rows=8 but the config says 4; "),
         (
             {"train.global_batch_tokens": 16 * PACK},
             f"set global_batch_tokens: {8 * PACK} (or leave it unset)",
         ),
     ):
-        argv = overrides(storage, "mb", **{**extra, "train.tokens_per_micro_batch": 4 * PACK})
-        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-        proc = subprocess.run(
-            [sys.executable, "jobs/pretrain.py", "--address", "127.0.0.1:1", *argv],  # no cluster there
-            capture_output=True, text=True, timeout=120, cwd=repo, env=env,
-        )  # fmt: skip
-        lines = proc.stderr.strip().splitlines()
-        assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
-        assert lines[0].startswith("pretrain: error: ") and "cannot resume" in lines[0], lines
-        assert fragment in lines[0], lines
-    assert sorted(p.name for p in (storage / "mb").iterdir()) == before
-    assert (storage / "mb" / "config.yaml").read_text() == config
+        with pytest.raises(ConfigError, match="cannot resume") as e:
+            prepare_pretrain_run(load_pretrain_config(None, overrides(storage, "mb", **mb, **extra)))
+        assert fragment in str(e.value) and "\n" not in str(e.value)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run(
+        [sys.executable, "jobs/pretrain.py", "--address", "127.0.0.1:1",  # no cluster there: never reached
+         *overrides(storage, "mb", **mb, **{"train.seed": 5})],
+        capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[2], env=env,
+    )  # fmt: skip
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+    assert lines[0].startswith("pretrain: error: ") and "cannot resume" in lines[0], lines
+    assert "data order has seed=0 but the config says 5; " in lines[0], lines
+    assert {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()} == before
