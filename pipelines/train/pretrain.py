@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import itertools
-import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -316,21 +315,6 @@ class PretrainRunner(TrainRunner):
             pin_memory=self.device.type == "cuda",
         )
         return self._data
-
-    def load_or_resume(self) -> None:
-        """The base's resume, minus its same-world-size rule: the data position is global and the model and
-        optimizer state are rank 0's full (DDP-replicated) state, so any world size continues the run."""
-        import ray.train
-
-        ckpt = ray.train.get_checkpoint()
-        world = self.world
-        if ckpt is not None:
-            with ckpt.as_directory() as d:
-                self.world = json.loads((Path(d) / rd.TRAIN_STATE_JSON).read_text())["world_size"]
-        try:
-            super().load_or_resume()
-        finally:
-            self.world = world
 
     def run(self) -> None:
         """The base loop; a source that runs out (`DataExhausted`) ends the run early with a final checkpoint."""
