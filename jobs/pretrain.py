@@ -20,7 +20,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout / `--working-dir .`
 
 from pipelines import cli, contracts  # noqa: E402
-from pipelines.train.pretrain import DEFAULT_CONFIG, PretrainConfig, fit, load_pretrain_config  # noqa: E402
+from pipelines.train.pretrain import (  # noqa: E402
+    DEFAULT_CONFIG,
+    PretrainConfig,
+    fit,
+    load_pretrain_config,
+    prepare_pretrain_run,
+)
 from pipelines.train.sinks import METRICS_FILE  # noqa: E402
 
 
@@ -42,10 +48,12 @@ def prepare(cfg: PretrainConfig, ctx: cli.Context) -> list[str]:
 
 
 def run(cfg: PretrainConfig, ctx: cli.Context) -> int:
+    # Config, data and resume checks first: an error is one line, before Ray starts (and never retried).
+    cfg = prepare_pretrain_run(cfg)
     # >= 4 logical CPUs locally so Train workers and Ray Data tasks fit on small boxes
     ctx.init_ray(local_num_cpus=max(4, os.cpu_count() or 1))
     print(f"run dir: {cfg.run_dir}", flush=True)
-    result = fit(cfg)  # Ray Train V2 raises when the run fails for good
+    result = fit(cfg, prepared=True)  # Ray Train V2 raises when the run fails for good
     print(f"metrics: {os.path.join(cfg.run_dir, METRICS_FILE)}")
     print(f"final checkpoint: {result.checkpoint.path if result.checkpoint else None}")
     if result.error:

@@ -5,9 +5,9 @@ Sources, in order of trust:
 - the model dir's `neobert_config.json` `extra` (what `save_model_dir` was given: `step`, `trained_by`, the
   contrastive run `config`, `converted_from`, `demo`, and, when a caller recorded them, `tokens_seen` and
   `train_data` (a list of `{"name", "license"}`));
-- for a pretraining checkpoint, `train_state.pt` beside `model/` (its run config and world size: the data the run
-  read and its token budget, steps x workers x micro-batches x tokens per micro-batch, an upper bound because
-  packed rows keep a little padding). It is memory-mapped, so the optimizer state is not read;
+- for a pretraining checkpoint, `train_state.json` beside `model/` (its step and run config: the data the run
+  read and its token budget, steps x `train.global_batch_tokens`, an upper bound because packed rows keep a
+  little padding);
 - the evaluation harness's `results.json` (`{model: {task: {metric: value}}}`), given explicitly or found beside
   the checkpoint (the model dir, or the checkpoint dir holding `model/`).
 Nothing is invented: a fact that no source has is written as "not recorded".
@@ -31,7 +31,7 @@ import yaml
 
 CARD_FILE = "README.md"
 RESULTS_FILE = "results.json"
-TRAIN_STATE_FILE = "train_state.pt"
+TRAIN_STATE_JSON = "train_state.json"  # beside model/ in a training checkpoint: step, world size, run config
 PROJECT_LICENSE = "apache-2.0"
 
 
@@ -113,23 +113,17 @@ def training_facts(md: Any) -> TrainingFacts:
         )
     else:
         facts = TrainingFacts("masked language modelling (20% of tokens masked)", steps=extra.get("step"))
-        state_file = Path(md.path).parent / TRAIN_STATE_FILE
+        state_file = Path(md.path).parent / TRAIN_STATE_JSON
         if Path(md.path).name == "model" and state_file.is_file():
-            import torch
-
-            state = torch.load(state_file, map_location="cpu", weights_only=False, mmap=True)
+            state = json.loads(state_file.read_text())
             run_cfg = state.get("config") or {}
             facts.steps = state.get("step", facts.steps)
             facts.data, facts.data_note = _pretrain_data(run_cfg)
             t = run_cfg.get("train") or {}
-            if facts.steps is not None and "tokens_per_micro_batch" in t:
-                facts.tokens_seen = (
-                    facts.steps
-                    * state.get("world_size", 1)
-                    * t.get("num_micro_batches", 1)
-                    * t["tokens_per_micro_batch"]
-                )
-                facts.tokens_note = "upper bound: steps x workers x micro-batches x tokens per micro-batch"
+            if facts.steps is not None and t.get("global_batch_tokens"):
+                # every global step holds global_batch_tokens / pack_tokens packed rows of <= pack_tokens tokens
+                facts.tokens_seen = facts.steps * t["global_batch_tokens"]
+                facts.tokens_note = "upper bound: steps x global batch tokens (packed rows may hold padding)"
     if "tokens_seen" in extra:  # recorded by the caller of save_model_dir: exact
         facts.tokens_seen, facts.tokens_note = int(extra["tokens_seen"]), "recorded by the training run"
     if "train_data" in extra:

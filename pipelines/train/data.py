@@ -462,6 +462,57 @@ class GlobalOrder:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Resume checks
+# ----------------------------------------------------------------------------------------------------------------
+def order_identity(cfg: MixtureSection) -> dict[str, Any]:
+    """What fixes the global order (a saved position is only meaningful in the same order)."""
+    return {
+        "seed": cfg.seed,
+        "shuffle_window_rows": cfg.shuffle_window_rows,
+        "sources": [s.name for s in cfg.sources],
+    }
+
+
+def check_state(cfg: MixtureSection, state: dict | None, pack_tokens: int) -> None:
+    """Refuse a saved data state that `cfg` cannot continue (ConfigError naming the setting to restore); the
+    driver calls it before Ray starts, the source again on the worker. World size and micro-batch size are free;
+    seed, shuffle window, sources and the global step size are not."""
+    from pipelines.train.config import ConfigError
+
+    if state is None:
+        return
+    if state.get("version") != STATE_VERSION:
+        raise ConfigError(
+            f"the checkpoint's data position (version {state.get('version')}, kind {state.get('kind')!r}) is not "
+            f"a global data order position (version {STATE_VERSION}); it cannot be resumed: start a new run with "
+            "another checkpoint.name"
+        )
+    saved, now = state["order"], order_identity(cfg)
+    for key in ("seed", "shuffle_window_rows"):
+        if saved[key] != now[key]:
+            raise ConfigError(
+                f"the checkpoint's data order has {key}={saved[key]} but the config says {now[key]}; the saved "
+                f"position only means something in the same order: set {key}: {saved[key]} to resume"
+            )
+    if sorted(saved["sources"]) != sorted(now["sources"]):
+        raise ConfigError(
+            f"the checkpoint's data sources {saved['sources']} differ from the config's {now['sources']}; "
+            "resume with the same sources (a new mixture starts a new run from a fresh data state)"
+        )
+    rows = cfg.global_batch_tokens // pack_tokens
+    saved_rows = state.get("rows_per_step")
+    if saved_rows not in (None, rows):
+        # The position itself would continue at the next unseen row, but every later step would hold other rows
+        # than the original run's (and the optimizer's batch would change under it): a resume keeps the batch.
+        raise ConfigError(
+            f"the checkpoint's global step is {saved_rows} rows (global_batch_tokens={saved_rows * pack_tokens}) "
+            f"but the config's is {rows} rows (global_batch_tokens={cfg.global_batch_tokens}): set "
+            f"global_batch_tokens: {saved_rows * pack_tokens} (or leave it unset) to resume; another global batch "
+            "starts a new run (another checkpoint.name)"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # StepSource
 # ----------------------------------------------------------------------------------------------------------------
 @dataclass
@@ -527,38 +578,10 @@ class GlobalStepSource:
 
     # -- state ------------------------------------------------------------------------------------------------
     def _identity(self) -> dict[str, Any]:
-        c = self.cfg
-        return {
-            "seed": c.seed,
-            "shuffle_window_rows": c.shuffle_window_rows,
-            "sources": [s.name for s in c.sources],
-        }
+        return order_identity(self.cfg)
 
     def _check_state(self, state: dict | None) -> None:
-        if state is None:
-            return
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(
-                f"data state version {state.get('version')} != {STATE_VERSION}; it cannot be resumed"
-            )
-        saved, now = state["order"], self._identity()
-        for key in ("seed", "shuffle_window_rows"):
-            if saved[key] != now[key]:
-                raise ValueError(
-                    f"the checkpoint's data order has {key}={saved[key]} but the config says {now[key]}; the saved "
-                    f"position only means something in the same order: set {key}: {saved[key]} to resume"
-                )
-        if sorted(saved["sources"]) != sorted(now["sources"]):
-            raise ValueError(
-                f"the checkpoint's data sources {saved['sources']} differ from the config's {now['sources']}; "
-                "resume with the same sources (a new mixture starts a new phase from a fresh data state)"
-            )
-        if state.get("rows_per_step") not in (None, self.R):
-            log.warning(
-                "global step size changed from %s to %d rows: the run continues at the next unseen row, but its "
-                "steps no longer hold the same rows as the original run",
-                state["rows_per_step"], self.R,
-            )  # fmt: skip
+        check_state(self.cfg, state, self.pack_tokens)
 
     def _snapshot(self, step: int) -> dict[str, Any]:
         return {
@@ -779,6 +802,8 @@ def step_source_from_shards(
 __all__ = [
     "DataExhausted",
     "check_sources",
+    "check_state",
+    "order_identity",
     "source_data_config",
     "source_datasets",
     "GlobalOrder",

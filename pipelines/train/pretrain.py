@@ -5,10 +5,14 @@ resume, metrics and failure handling are `pipelines.train.runner.TrainRunner`'s.
       -> load_pretrain_config -> fit(cfg): prepare_run -> build_trainer(cfg).fit()
          each worker: train_loop_per_worker(config) -> PretrainRunner(cfg).run()
 
-Data: `datasets={"train", "eval"}` (packed rows from a preprocessed dir, or built on the fly from raw text by
-`pipelines.mlm.preprocess.build_packed_datasets`). "train" reaches the runner through a `StepSource`
-(`pipelines.train.shard_stream.ShardStepSource`: a `streaming_split` shard read ahead across epochs). "eval" is
-not split: rank r evaluates micro-batches r, r+W, ... of the (unshuffled) eval set, and the sums are all-reduced.
+Data: one Ray Dataset per train source (`data.sources`: packed dirs of jobs/preprocess.py mixed by token weight;
+none listed = one source "train" from `data.packed_dir`, or built on the fly from raw text by
+`pipelines.mlm.preprocess.build_packed_datasets`) plus "eval". The train sources reach the runner through
+`pipelines.train.data.GlobalStepSource`: a global row order that depends on (seed, sources, shuffle window) only,
+`train.global_batch_tokens` per step whatever the world size and micro-batch size (the accumulation is derived:
+`plan_accumulation`), so a run resumes on another worker count or micro-batch size at the next unseen row (see
+docs/data_order.md). "eval" is not split: rank r evaluates micro-batches r, r+W, ... of the (unshuffled) eval set,
+and the sums are all-reduced.
 
 Masking runs on the CPU row by row: the generator of a packed row is seeded by `row_mask_seed(train.seed,
 row_key)`, so a row's mask depends on the row, not on the rank, micro-batch or step that carries it; a resumed run
@@ -17,9 +21,11 @@ masks exactly like an uninterrupted one.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -30,6 +36,7 @@ from neobert.config_io import to_dict
 from neobert.model import NeoBERTConfig
 from neobert.training import MicroBatch, mask_seed, mask_tokens, model_flops_for, peak_flops, train_step
 from pipelines.tokenizer import MASK_ID, SPECIAL_IDS
+from pipelines.train import run_dir as rd
 from pipelines.train.collate import PackedBatch, PackedCollateFn
 from pipelines.train.config import (
     ConfigError,
@@ -38,12 +45,34 @@ from pipelines.train.config import (
     TrainSection,
     load_job_config,
 )
-from pipelines.train.runner import TrainRunner, fit_trainer, prepare_run, run_config, run_worker
-from pipelines.train.shard_stream import ShardStepSource, check_resume
+from pipelines.train.data import (
+    DataExhausted,
+    GlobalStepSource,
+    MixtureSection,
+    SourceSection,
+    check_sources,
+    check_state,
+    dataset_name,
+    plan_accumulation,
+    source_data_config,
+    source_datasets,
+    step_source_from_shards,
+)
+from pipelines.train.runner import (
+    TrainRunner,
+    check_world_sizes,
+    fit_trainer,
+    prepare_run,
+    run_config,
+    run_worker,
+)
 
 log = logging.getLogger("neobert.pretrain")
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+SINGLE_SOURCE = (
+    "train"  # the source name when `data.sources` is empty (one packed dir or the on-the-fly build)
+)
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "pretrain.yaml"
 
 
@@ -56,43 +85,62 @@ class DataSection:
     preprocess: dict[str, Any] = field(
         default_factory=dict
     )  # PreprocessConfig fields for the on-the-fly build
+    # The train mixture: [{name, path, weight, repeat}] packed dirs mixed by token weight. Empty = one source named
+    # "train" from packed_dir (or the on-the-fly build); with sources, packed_dir only supplies the eval split.
+    sources: list[SourceSection] = field(default_factory=list)
+    on_exhausted: Literal["stop", "renormalize"] = "stop"  # when a repeat=false source runs out
+    shuffle_window_rows: int = 1024  # rows permuted together per source and epoch (0 = file order)
+    prefetch_steps: int = 2  # global steps assembled ahead by a background thread per worker (0 = inline)
+    prefetch_batches: int = 2  # Arrow blocks Ray reads ahead per source iterator
     pack_tokens: int = 512  # max tokens of one packed row (must match the data; checked on the driver)
-    shuffle_buffer_rows: int = 64  # local shuffle buffer per worker (rows); 0 = no shuffle
-    prefetch_batches: int = 4  # micro-batches collated ahead in Ray's prefetch threads (within an epoch)
-    read_ahead_batches: int = 16  # collated micro-batches a reader thread keeps queued, across epoch ends
-    num_train_rows: int = 0  # cap on the train set, i.e. the epoch length (0 = all of it)
+    num_train_rows: int = 0  # cap on every train source, i.e. its epoch length (0 = all of it)
     num_eval_rows: int = 0  # cap on the eval set (0 = all of it)
 
     def __post_init__(self) -> None:
         if self.pack_tokens < 8:
             raise ValueError(f"data.pack_tokens must be >= 8, got {self.pack_tokens}")
-        for name in ("shuffle_buffer_rows", "prefetch_batches", "num_train_rows", "num_eval_rows"):
+        for name in (
+            "shuffle_window_rows",
+            "prefetch_steps",
+            "prefetch_batches",
+            "num_train_rows",
+            "num_eval_rows",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"data.{name} must be >= 0, got {getattr(self, name)}")
-        if self.read_ahead_batches < 1:
-            raise ValueError(
-                f"data.read_ahead_batches must be >= 1, got {self.read_ahead_batches}; it is how many micro-batches "
-                "are queued ahead of the steps, which hides an epoch's start-up that takes fewer steps than that"
-            )
         if self.preprocess and self.packed_dir:
             raise ValueError(
                 "set either data.packed_dir (preprocessed) or data.preprocess (on the fly), not both"
             )
+        if self.sources and self.preprocess:
+            raise ValueError(
+                "data.preprocess (the on-the-fly build) has no effect with data.sources; drop one of them"
+            )
+        # Validates names, duplicates and on_exhausted (global_batch_tokens is the train section's).
+        MixtureSection(sources=self.sources, on_exhausted=self.on_exhausted)
 
 
 @dataclass
 class PretrainTrainSection(TrainSection):
     tokens_per_micro_batch: int = 2048  # static token budget T of one micro-batch per worker (multiple rows)
-    num_micro_batches: int = 1  # gradient-accumulation micro-batches per optimizer step
+    # Tokens of one optimizer step over all workers and micro-batches (a multiple of data.pack_tokens). 0 = resolved
+    # on the driver to tokens_per_micro_batch x num_workers (one micro-batch each; elastic: x the lcm of the range),
+    # or, on a resume, to the checkpoint's value (a resume cannot change it); the resolved value is what config.yaml
+    # holds. Accumulation is derived from it and must be whole on every world size of the run.
+    global_batch_tokens: int = 0
     mask_prob: float = 0.2  # NeoBERT: 20% of the non-special tokens
     mask_strategy: Literal["mask", "80_10_10"] = "mask"
     loss_chunk_size: int = 2048  # rows of the chunked MLM cross-entropy (bench/loss.py: <= 0.5 GiB extra)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("tokens_per_micro_batch", "num_micro_batches", "loss_chunk_size"):
+        for name in ("tokens_per_micro_batch", "loss_chunk_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.global_batch_tokens < 0:
+            raise ValueError(
+                f"train.global_batch_tokens must be >= 0 (0 = derived), got {self.global_batch_tokens}"
+            )
         if not 0.0 < self.mask_prob < 1.0:
             raise ValueError(f"train.mask_prob must lie in (0, 1), got {self.mask_prob} (NeoBERT: 0.2)")
 
@@ -127,6 +175,57 @@ class PretrainConfig(TrainJobConfig):
                 f"data.pack_tokens={d.pack_tokens} > model.max_position_embeddings="
                 f"{self.model.max_position_embeddings}; lower data.pack_tokens or raise the model field"
             )
+        if t.global_batch_tokens:
+            self.check_world_sizes()
+
+    def plan(self, world_size: int) -> int:
+        """Micro-batches per worker and step on `world_size` workers: global_batch_tokens / (pack_tokens x rows per
+        micro-batch x world_size); ValueError naming the keys unless it is whole."""
+        t, d = self.train, self.data
+        if not t.global_batch_tokens:
+            raise AssertionError("train.global_batch_tokens is resolved on the driver (resolve_config)")
+        unit = d.pack_tokens * world_size * self.rows_per_micro_batch
+        if t.global_batch_tokens % unit:
+            raise ValueError(
+                f"train.global_batch_tokens={t.global_batch_tokens} must be a multiple of data.pack_tokens="
+                f"{d.pack_tokens} x scaling.num_workers={world_size} x rows per micro-batch="
+                f"{self.rows_per_micro_batch} (train.tokens_per_micro_batch // data.pack_tokens) = {unit} tokens: "
+                f"set train.global_batch_tokens to e.g. {max(1, round(t.global_batch_tokens / unit)) * unit}, or "
+                "change scaling.num_workers / train.tokens_per_micro_batch"
+            )
+        return plan_accumulation(t.global_batch_tokens, d.pack_tokens, world_size, self.rows_per_micro_batch)
+
+    def check_world_sizes(self) -> None:
+        """Every world size the run may train on (each of an elastic `scaling.num_workers: [min, max]`) must split
+        the global batch into whole micro-batches; else one `ConfigError` naming the sizes that do not."""
+        if not self.scaling.elastic:  # one size: its own message names the keys and a value that works
+            try:
+                self.plan(self.scaling.max_workers)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+            return
+        try:
+            check_world_sizes(self, self.plan)
+        except ConfigError as e:
+            unit = self.data.pack_tokens * self.rows_per_micro_batch * math.lcm(*self.scaling.world_sizes)
+            raise ConfigError(
+                f"{e}; e.g. train.global_batch_tokens={unit} (or a multiple: data.pack_tokens x rows per "
+                f"micro-batch x the lcm of {list(self.scaling.world_sizes)}) splits over every size of the range"
+            ) from None
+
+    @property
+    def num_micro_batches(self) -> int:
+        """Micro-batches per worker and step on `scaling.max_workers` workers (derived; see `plan`)."""
+        return self.plan(self.scaling.max_workers)
+
+    def mixture(self) -> MixtureSection:
+        """The `MixtureSection` of the train data (`train.global_batch_tokens` must be resolved)."""
+        d = self.data
+        sources = d.sources or [SourceSection(SINGLE_SOURCE, d.packed_dir or "(built on the fly)")]
+        return MixtureSection(
+            sources=sources, global_batch_tokens=self.train.global_batch_tokens, on_exhausted=d.on_exhausted,
+            shuffle_window_rows=d.shuffle_window_rows, seed=self.train.seed, prefetch_steps=d.prefetch_steps,
+        )  # fmt: skip
 
     @property
     def rows_per_micro_batch(self) -> int:
@@ -173,7 +272,7 @@ class PretrainRunner(TrainRunner):
         model = NeoBERTForMLM(cfg.model, loss_chunk_size=cfg.train.loss_chunk_size)
         if cfg.train.compile:
             model.encoder.compile_layers()
-        self.train_shard = ray.train.get_dataset_shard("train")
+        self._data: GlobalStepSource | None = None
         try:  # no "eval" dataset when the preprocessing has eval_fraction=0
             self.eval_shard = ray.train.get_dataset_shard("eval")
         except (KeyError, ValueError, RuntimeError):
@@ -194,29 +293,48 @@ class PretrainRunner(TrainRunner):
         self.peak = peak_flops(self.device)
         if self.rank == 0:
             log.info(
-                "pretrain: %d workers on %s, attention=%s, precision=%s, %d rows x %d tokens per micro-batch",
+                "pretrain: %d workers on %s, attention=%s, precision=%s, %d rows x %d tokens per micro-batch, "
+                "%d micro-batches per worker and step (train.global_batch_tokens=%d)",
                 self.world, self.device, self.model.attn_backend, "bf16" if self.use_bf16 else "fp32",
                 cfg.rows_per_micro_batch, t.tokens_per_micro_batch,
+                plan_accumulation(t.global_batch_tokens, cfg.data.pack_tokens, self.world, cfg.rows_per_micro_batch),
+                t.global_batch_tokens,
             )  # fmt: skip
 
     # -- data ----------------------------------------------------------------------------------------------------
-    def open_data(self, state: dict[str, Any] | None) -> ShardStepSource:
+    def open_data(self, state: dict[str, Any] | None) -> GlobalStepSource:
+        """This rank's part of the global order, at the saved global position (any world or micro-batch size)."""
         cfg = self.cfg
-        return ShardStepSource(
-            self.train_shard,
-            collate=self.collate,
+        self._data = step_source_from_shards(
+            cfg.mixture(),
+            pack_tokens=cfg.data.pack_tokens,
             rows_per_micro_batch=cfg.rows_per_micro_batch,
-            num_micro_batches=cfg.train.num_micro_batches,
-            shuffle_buffer_rows=cfg.data.shuffle_buffer_rows,
-            prefetch_batches=cfg.data.prefetch_batches,
-            read_ahead_batches=cfg.data.read_ahead_batches,
-            seed=cfg.train.seed,
-            rank=self.rank,
-            world_size=self.world,
-            start_step=self.step,
-            num_steps=cfg.train.num_steps,
             state=state,
+            max_steps=cfg.train.num_steps - self.step,
+            prefetch_batches=cfg.data.prefetch_batches,
+            pin_memory=self.device.type == "cuda",
         )
+        return self._data
+
+    def run(self) -> None:
+        """The base loop; a source that runs out (`DataExhausted`) ends the run early with a final checkpoint."""
+        try:
+            super().run()
+        except DataExhausted as e:
+            if self.step == 0:
+                raise ConfigError(f"no full global step of train data: {e}") from None
+            if self.rank == 0:
+                log.warning(
+                    "pretrain: the train data ran out after step %d of train.num_steps=%d: %s; the run ends here "
+                    "with a final checkpoint", self.step, self.cfg.train.num_steps, e,
+                )  # fmt: skip
+            metrics = self.log_metrics() if self.window.sums else {}
+            every = self.cfg.checkpoint.every_steps
+            if not (every > 0 and self.step % every == 0):  # else the step's checkpoint is written already
+                self.save_checkpoint(metrics)
+            elif metrics:
+                self.report(metrics)
+            self.final_report()
 
     def mask(self, batch: PackedBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """(masked input_ids (T,), labels (T,)) on the CPU, each packed row masked by its own generator."""
@@ -286,10 +404,13 @@ class PretrainRunner(TrainRunner):
             loss_sum=stats.loss_sum, num_correct=stats.num_correct, num_masked=stats.num_masked_local,
             num_tokens=stats.num_tokens_local, flops=flops,
         )  # fmt: skip
-        self.window.set(**{"train/lr": lr, "train/grad_norm": stats.grad_norm, "train/epoch": self._epoch()})
-
-    def _epoch(self) -> float:
-        return float((self.data_state or {}).get("epoch", 0))
+        self.window.set(**{"train/lr": lr, "train/grad_norm": stats.grad_norm})
+        if self._data is not None:  # global stats (the same on every rank): rank 0 adds the window's tokens
+            data = self._data.step_stats()
+            self.window.add(
+                **{k: (v if self.rank == 0 else 0.0) for k, v in data.items() if k.startswith("data/tokens/")}
+            )
+            self.window.set(**{k: v for k, v in data.items() if not k.startswith("data/tokens/")})
 
     def window_metrics(self, sums: dict[str, float], elapsed: float) -> dict[str, float]:
         masked = max(sums["num_masked"], 1)
@@ -298,23 +419,31 @@ class PretrainRunner(TrainRunner):
             "train/mlm_accuracy": sums["num_correct"] / masked,
             "train/tokens_per_s": sums["num_tokens"] / elapsed,
             "train/masked_tokens": sums["num_masked"],
+            **{k: v for k, v in sums.items() if k.startswith("data/tokens/")},
         }
         if self.peak:
             metrics["train/mfu"] = sums["flops"] / elapsed / (self.peak * self.world)
         return metrics
 
     def trace_records(self, batches: list[PackedBatch]) -> list[dict[str, Any]]:
-        """Per micro-batch a fingerprint of its rows (`rows_sha`: the unmasked token stream) and of rows + masks
-        (`sha`), plus the data position after the step (syncs on GPU: debug and tests only)."""
+        """Per micro-batch its rows' keys (`row_keys`: which rows of the global order it trained on), per row a
+        fingerprint of tokens + mask (`row_shas`), and of the whole micro-batch (`rows_sha`: the unmasked token
+        stream; `sha`: rows + masks). Syncs on GPU: debug and tests only."""
         out = []
         for i, (b, mb) in enumerate(zip(batches, self._last_micro_batches, strict=True)):
-            rows = b.input_ids.numpy().tobytes()
+            ids, labels = b.input_ids.numpy(), mb.labels.cpu().numpy()
+            offsets = b.row_offsets.tolist()
+            row_shas = [
+                hashlib.sha256(ids[lo:hi].tobytes() + labels[lo:hi].tobytes()).hexdigest()[:12]
+                for lo, hi in itertools.pairwise(offsets)
+            ]
             out.append({
                 "micro": i,
-                "epoch": self.data_state["epoch"],
                 "rows": b.num_rows,
-                "rows_sha": hashlib.sha256(rows).hexdigest()[:16],
-                "sha": hashlib.sha256(rows + mb.labels.cpu().numpy().tobytes()).hexdigest()[:16],
+                "row_keys": b.row_keys.tolist(),
+                "row_shas": row_shas,
+                "rows_sha": hashlib.sha256(ids.tobytes()).hexdigest()[:16],
+                "sha": hashlib.sha256(ids.tobytes() + labels.tobytes()).hexdigest()[:16],
             })  # fmt: skip
         return out
 
@@ -384,42 +513,64 @@ def check_packed_dir(cfg: PretrainConfig) -> None:
     contracts.packed_pack_tokens(cfg.data.packed_dir, cfg.data.pack_tokens, user_set=True)
 
 
+def check_data(cfg: PretrainConfig) -> None:
+    """Driver-side data checks before Ray starts: the mixture, every packed dir and its pack size."""
+    from pipelines import contracts
+
+    if cfg.data.packed_dir and not cfg.data.sources:
+        check_packed_dir(cfg)
+    mix = cfg.mixture()
+    if cfg.data.sources:
+        check_sources(mix, cfg.data.pack_tokens)
+        for s in mix.sources:
+            contracts.packed_pack_tokens(s.path, cfg.data.pack_tokens, user_set=True)
+    else:
+        mix.check(cfg.data.pack_tokens)
+
+
 def build_datasets(cfg: PretrainConfig) -> dict[str, Any]:
-    """{"train", "eval"} Ray Datasets of packed rows (lazy)."""
+    """{dataset_name(source) for every train source, "eval"} Ray Datasets of packed rows (lazy)."""
     from neobert.config_io import from_dict
     from pipelines.mlm import packed_io, preprocess
 
-    if cfg.data.packed_dir:
+    d = cfg.data
+    ds: dict[str, Any] = {}
+    if d.sources:
+        check_data(cfg)
+        ds = source_datasets(cfg.mixture())
+        if d.packed_dir and packed_io.has_packed_split(d.packed_dir, "eval"):
+            ds["eval"] = packed_io.read_packed(d.packed_dir, split="eval")
+    elif d.packed_dir:
         # A string, not a Path: Path("s3://b/k") collapses to "s3:/b/k". Listed through pyarrow filesystems,
         # so local dirs and s3:// / gs:// / file:// URIs take the same code path.
-        root = cfg.data.packed_dir
         check_packed_dir(cfg)
-        ds = {"train": packed_io.read_packed(root, split="train")}
-        if packed_io.has_packed_split(root, "eval"):  # absent when preprocessed with eval_fraction=0
-            ds["eval"] = packed_io.read_packed(root, split="eval")
+        ds[dataset_name(SINGLE_SOURCE)] = packed_io.read_packed(d.packed_dir, split="train")
+        if packed_io.has_packed_split(d.packed_dir, "eval"):  # absent when preprocessed with eval_fraction=0
+            ds["eval"] = packed_io.read_packed(d.packed_dir, split="eval")
     else:
         # pack_tokens follows data.pack_tokens, and segments must fit a pack: max_seq_len <= pack_tokens.
-        pre = {"pack_tokens": cfg.data.pack_tokens, **cfg.data.preprocess}
+        pre = {"pack_tokens": d.pack_tokens, **d.preprocess}
         if "max_seq_len" not in pre:
             pre["max_seq_len"] = min(pre["pack_tokens"], preprocess.PreprocessConfig.max_seq_len)
         pcfg = from_dict(preprocess.PreprocessConfig, pre)
-        if pcfg.pack_tokens != cfg.data.pack_tokens:
+        if pcfg.pack_tokens != d.pack_tokens:
             raise ConfigError(
-                f"data.preprocess.pack_tokens={pcfg.pack_tokens} != data.pack_tokens={cfg.data.pack_tokens}; "
+                f"data.preprocess.pack_tokens={pcfg.pack_tokens} != data.pack_tokens={d.pack_tokens}; "
                 "set them equal (or drop data.preprocess.pack_tokens: it defaults to data.pack_tokens)"
             )
-        ds = preprocess.build_packed_datasets(pcfg)
-    if cfg.data.num_train_rows:
-        ds["train"] = ds["train"].limit(cfg.data.num_train_rows)
-    if cfg.data.num_eval_rows and "eval" in ds:
-        ds["eval"] = ds["eval"].limit(cfg.data.num_eval_rows)
+        built = preprocess.build_packed_datasets(pcfg)  # the on-the-fly build is the one source
+        ds[dataset_name(SINGLE_SOURCE)] = built.pop("train")
+        ds.update(built)
+    if d.num_train_rows:
+        for name in [k for k in ds if k != "eval"]:
+            ds[name] = ds[name].limit(d.num_train_rows)
+    if d.num_eval_rows and "eval" in ds:
+        ds["eval"] = ds["eval"].limit(d.num_eval_rows)
     return ds
 
 
 def build_trainer(cfg: PretrainConfig, datasets: dict[str, Any] | None = None):
-    """The `TorchTrainer` for `cfg` (datasets built from `cfg.data` unless given)."""
-    from ray.data import ExecutionOptions
-    from ray.train import DataConfig
+    """The `TorchTrainer` for `cfg` (datasets built from `cfg.data` unless given; `cfg` resolved)."""
     from ray.train.torch import TorchTrainer
 
     datasets = datasets if datasets is not None else build_datasets(cfg)
@@ -429,28 +580,73 @@ def build_trainer(cfg: PretrainConfig, datasets: dict[str, Any] | None = None):
         train_loop_config={"config": to_dict(cfg)},
         scaling_config=sc.ray_scaling_config(),
         datasets=datasets,
-        # preserve_order: deterministic row -> worker assignment and order (resume + reproducibility).
-        dataset_config=DataConfig(
-            datasets_to_split=["train"], execution_options=ExecutionOptions(preserve_order=True)
-        ),
+        # Nothing split: every worker reads every train source in full, in the same order (the global order
+        # does not depend on the world size); eval is not split either (each rank takes its micro-batches).
+        dataset_config=source_data_config(),
         run_config=run_config(cfg),
     )
 
 
-def check_pretrain_resume(cfg: PretrainConfig):
-    """The resume check the driver runs against the latest checkpoint's train state."""
-
-    def check(saved: dict[str, Any]) -> None:
-        check_resume(saved.get("data"), world_size=cfg.scaling.num_workers,
-                     rows_per_micro_batch=cfg.rows_per_micro_batch)  # fmt: skip
-
-    return check
+def latest_train_state(cfg: PretrainConfig) -> dict[str, Any] | None:
+    """The JSON train state of the run dir's latest complete checkpoint (what a fit resumes from), or None."""
+    latest = rd.latest_checkpoint(cfg.run_dir)
+    return None if latest is None else rd.read_train_state(latest)
 
 
-def fit(cfg: PretrainConfig, datasets: dict[str, Any] | None = None):
-    """Run (or resume) the pretraining job `cfg`; returns Ray Train's `Result`. Checks the config, the packed data
-    and a resume on the driver before any worker starts; writes `config.yaml` into the run dir."""
-    if cfg.data.packed_dir and datasets is None:
-        check_packed_dir(cfg)
-    prepare_run(cfg, check_pretrain_resume(cfg))
+def resolve_config(cfg: PretrainConfig, saved: dict[str, Any] | None = None) -> PretrainConfig:
+    """Driver side: `train.global_batch_tokens` = 0 becomes the checkpoint's value on a resume (`saved`: its train
+    state), else tokens_per_micro_batch x num_workers (elastic [min, max]: x the lcm of min..max, so that every
+    size of the range splits it); checked against every world size of the run."""
+    t = cfg.train
+    if t.global_batch_tokens:
+        value = t.global_batch_tokens
+    else:
+        prev = ((saved or {}).get("config") or {}).get("train", {}).get("global_batch_tokens") or 0
+        value = prev or t.tokens_per_micro_batch * math.lcm(*cfg.scaling.world_sizes)
+    return dataclasses.replace(cfg, train=dataclasses.replace(t, global_batch_tokens=value))
+
+
+def check_pretrain_resume(cfg: PretrainConfig, saved: dict[str, Any]) -> None:
+    """A resume the data order cannot continue is refused before Ray starts; any world size and micro-batch size
+    is accepted (the position is global: the run continues at the next unseen row)."""
+    try:
+        check_state(cfg.mixture(), saved.get("data"), cfg.data.pack_tokens)
+    except ValueError as e:
+        raise ConfigError(f"{cfg.run_dir} cannot resume: {e}") from None
+    if saved["world_size"] not in cfg.scaling.world_sizes or (
+        saved.get("config", {}).get("train", {}).get("tokens_per_micro_batch")
+        != cfg.train.tokens_per_micro_batch
+    ):
+        log.info(
+            "resuming a run written by %d workers at train.tokens_per_micro_batch=%s on %s workers at %d: the "
+            "global order continues at the next unseen row",
+            saved["world_size"], saved.get("config", {}).get("train", {}).get("tokens_per_micro_batch"),
+            cfg.scaling.num_workers, cfg.train.tokens_per_micro_batch,
+        )  # fmt: skip
+
+
+def prepare_pretrain_run(cfg: PretrainConfig, *, check_inputs: bool = True) -> PretrainConfig:
+    """Everything the driver does before Ray Train starts; returns the resolved config (the one to train with):
+    `train.global_batch_tokens` resolved, the data checked (`check_inputs`), a resume checked against the latest
+    checkpoint, then `runner.prepare_run` (incomplete checkpoints removed, the resolved `config.yaml` written)."""
+    saved = latest_train_state(cfg)
+    cfg = resolve_config(cfg, saved)
+    cfg.check_world_sizes()  # also on load; again here for the resolved global batch (never reaches a worker)
+    if check_inputs:
+        check_data(cfg)
+    else:
+        cfg.mixture().check(cfg.data.pack_tokens)
+    if saved is not None:
+        check_pretrain_resume(cfg, saved)
+    # No resume hook for prepare_run: its check refuses another world size, which the global order allows.
+    prepare_run(cfg)
+    return cfg
+
+
+def fit(cfg: PretrainConfig, datasets: dict[str, Any] | None = None, *, prepared: bool = False):
+    """Run (or resume) the pretraining job `cfg`; returns Ray Train's `Result`. The driver resolves and checks
+    everything first (`prepare_pretrain_run`; `prepared=True`: the caller did, and `cfg` is its result): config
+    and data errors never reach a worker."""
+    if not prepared:
+        cfg = prepare_pretrain_run(cfg, check_inputs=datasets is None)
     return fit_trainer(build_trainer(cfg, datasets), cfg)

@@ -7,9 +7,9 @@ Three runs share their assertions (each costs ~15-30 s on 2 cores):
      paths must yield the same rows in the same order): 6 steps with a worker crash injected at step 5
      (restart from the step-3 checkpoint, finish at 6), then a re-fit under the same name with num_steps=10
      (resume at step 6, mid-epoch 1).
-The train set is capped at 40 packed rows: 20 rows per worker = 5 micro-batches of 4 rows per epoch, so both
-restarts land mid-epoch and the run crosses epochs. Every micro-batch's rows+masks are fingerprinted
-(`logging.trace_data`); B's steps after each restart must equal A's steps exactly.
+The train set is capped at 40 packed rows: a global step is 8 rows (2 workers x 1 micro-batch of 4 rows), an
+epoch 5 steps, so both restarts land mid-epoch and the run crosses epochs. Every micro-batch's row keys and
+rows+masks are fingerprinted (`logging.trace_data`); B's steps after each restart must equal A's steps exactly.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def overrides(storage: Path | str, name: str, **extra) -> list[str]:
         "data.pack_tokens": PACK,
         "data.num_train_rows": 40,
         "data.num_eval_rows": 8,
-        "data.shuffle_buffer_rows": 8,
+        "data.shuffle_window_rows": 8,
         "train.tokens_per_micro_batch": 4 * PACK,
         "train.num_steps": 10,
         "train.warmup_steps": 2,
@@ -165,8 +165,13 @@ def test_job_submit_trains_loss_decreases_metrics_and_checkpoint(run_a):
     assert evals and evals[-1]["step"] == 10 and evals[-1]["eval/loss"] < 10.4  # ln(30522) = 10.33 at init
     state = json.loads((Path(final) / "train_state.json").read_text())
     assert state["step"] == 10 and state["world_size"] == 2
-    # 5 micro-batches of 4 rows per epoch: 2 epochs exactly
-    assert (state["data"]["epoch"], state["data"]["rows_consumed_in_epoch"]) == (1, 20)
+    # 5 global steps of 8 rows per epoch: 2 epochs exactly (the position is global: all 40 rows of epoch 1)
+    assert state["data"]["global_step"] == 10 and state["data"]["rows_per_step"] == 8
+    assert {k: state["data"]["sources"]["train"][k] for k in ("epoch", "rows_in_epoch", "rows")} == {
+        "epoch": 1,
+        "rows_in_epoch": 40,
+        "rows": 80,
+    }
     assert set(torch.load(Path(final) / "train_state.pt", weights_only=False)["rng"]) == {
         "python",
         "numpy",
@@ -182,10 +187,16 @@ def test_job_submit_trains_loss_decreases_metrics_and_checkpoint(run_a):
     model = load_mlm(final)
     assert model.config.hidden_size == 64
     t0 = trace(run_dir, 0)
-    assert [r["step"] for r in t0] == list(range(1, 11)) and [r["epoch"] for r in t0] == [0] * 5 + [1] * 5
+    t1 = trace(run_dir, 1)
+    assert [r["step"] for r in t0] == [r["step"] for r in t1] == list(range(1, 11))
+    # every row of an epoch once: 40 distinct keys per epoch over both ranks (keys name the epoch too)
+    keys = [[k for t in (t0, t1) for r in t[5 * e : 5 * e + 5] for k in r["row_keys"]] for e in (0, 1)]
+    assert [len(k) for k in keys] == [len(set(k)) for k in keys] == [40, 40] and not set(keys[0]) & set(
+        keys[1]
+    )
     epoch0, epoch1 = [r["rows_sha"] for r in t0[:5]], [r["rows_sha"] for r in t0[5:]]
     assert len(set(epoch0)) == 5 and not set(epoch0) & set(epoch1), "epoch 1 must reshuffle the rows"
-    assert t0[0]["rows_sha"] != trace(run_dir, 1)[0]["rows_sha"], "ranks must see different rows"
+    assert t0[0]["rows_sha"] != t1[0]["rows_sha"], "ranks must see different rows"
 
 
 def test_injected_failure_recovers_with_exact_data_position(run_a, run_b):
@@ -215,14 +226,13 @@ def test_resume_continues_at_next_step_and_unseen_rows(run_a, run_b):
     assert resumed.error is None
     state = train_state(resumed.checkpoint)
     # the uninterrupted run's final position (checked above)
-    assert (
-        state["step"] == 10 and state["data"]["epoch"] == 1 and state["data"]["rows_consumed_in_epoch"] == 20
-    )
+    assert state["step"] == 10 and state["data"]["sources"]["train"]["epoch"] == 1
+    assert state["data"]["sources"]["train"]["rows_in_epoch"] == 40
     for rank in (0, 1):
         got = trace(run_dir, rank)[after_crash[rank] :]
         assert [r["step"] for r in got] == [7, 8, 9, 10]
-        ref = {r["step"]: (r["sha"], r["epoch"]) for r in trace(a_dir, rank)}
-        assert [(r["sha"], r["epoch"]) for r in got] == [ref[r["step"]] for r in got], f"rank {rank}"
+        ref = {r["step"]: (r["sha"], r["row_keys"]) for r in trace(a_dir, rank)}
+        assert [(r["sha"], r["row_keys"]) for r in got] == [ref[r["step"]] for r in got], f"rank {rank}"
 
 
 KILL_SEED = 2026

@@ -36,15 +36,16 @@ def front_matter(card: str) -> dict:
 
 
 def pretrain_checkpoint(root, *, inputs: list[str], step: int = 40, world_size: int = 2):
-    """A checkpoint dir as jobs/pretrain.py writes it: model/ + train_state.pt (with the run config)."""
+    """A checkpoint dir as jobs/pretrain.py writes it: model/ + train_state.json (with the run config)."""
     cfg = tiny_cfg()
     torch.manual_seed(0)
     save_model_dir(root / "model", NeoBERTForMLM(cfg), cfg, kind="mlm", extra={"step": step})
     run_cfg = {
         "data": {"packed_dir": "", "preprocess": {"input": inputs}},
-        "train": {"tokens_per_micro_batch": 2048, "num_micro_batches": 3},
+        "train": {"tokens_per_micro_batch": 2048, "global_batch_tokens": 2 * 3 * 2048},
     }
-    torch.save({"step": step, "world_size": world_size, "config": run_cfg}, root / "train_state.pt")
+    state = {"step": step, "world_size": world_size, "config": run_cfg}
+    (root / "train_state.json").write_text(json.dumps(state))
     return root
 
 
@@ -62,7 +63,7 @@ def test_card_of_a_pretraining_checkpoint_with_results_beside_it(tmp_path):
     assert f"| Layers | {conf['num_hidden_layers']} |" in card and "| Hidden size | 32 |" in card
     n_params = sum(p.numel() for p in load_file(str(tmp_path / "hf" / "model.safetensors")).values())
     assert f"| Parameters | {n_params:,} |" in card
-    # training facts: steps and the token budget 40 steps x 2 workers x 3 micro-batches x 2048 tokens
+    # training facts: steps and the token budget 40 steps x a global batch of 12288 tokens
     assert (
         "| Optimizer steps | 40 |" in card and f"| Tokens seen | {40 * 2 * 3 * 2048:,} (upper bound" in card
     )
@@ -176,12 +177,14 @@ def test_training_facts_from_a_packed_dir_report_and_a_conversion(tmp_path):
     packed.mkdir()
     (packed / "report.json").write_text(json.dumps({"config": {"input": ["s3://bucket/corpus/*.jsonl"]}}))
     ckpt = pretrain_checkpoint(tmp_path / "ckpt", inputs=[], step=5, world_size=1)
-    state = torch.load(ckpt / "train_state.pt", weights_only=False)
+    state = json.loads((ckpt / "train_state.json").read_text())
     state["config"]["data"]["packed_dir"] = str(packed)
-    torch.save(state, ckpt / "train_state.pt")
+    (ckpt / "train_state.json").write_text(json.dumps(state))
     facts = training_facts(load_model_dir(ckpt))
     assert [d.name for d in facts.data] == ["s3://bucket/corpus/*.jsonl"] and card_license(facts) == "other"
-    assert facts.steps == 5 and facts.tokens_seen == 5 * 1 * 3 * 2048 and str(packed) in facts.data_note
+    assert (
+        facts.steps == 5 and facts.tokens_seen == 5 * 2 * 3 * 2048
+    )  # the global batch, whatever the world size and str(packed) in facts.data_note
 
     cfg = tiny_cfg()
     save_model_dir(

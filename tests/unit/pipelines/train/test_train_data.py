@@ -292,15 +292,11 @@ def test_empty_source_is_an_error():
         src.next_step()
 
 
-def test_resume_with_another_global_batch_continues_at_the_next_unseen_row(caplog):
+def test_resume_with_another_global_batch_is_refused():
     cfg = mixture(*TWO)
-    ref, states = run(cfg, world=2, m=1, steps=10)
-    flat = [u for uids, _ in ref[4:] for u in uids]  # the rows after step 4, in order
-    smaller = mixture(*TWO, gbt=4 * PACK)
-    with caplog.at_level(logging.WARNING):
-        got, _ = run(smaller, world=2, m=2, steps=9, state=states[3])
-    assert "global step size changed from 6 to 4 rows" in caplog.text
-    assert [u for uids, _ in got for u in uids] == flat[:36]
+    _, states = run(cfg, world=2, m=1, steps=4)
+    with pytest.raises(ValueError, match=r"global step is 6 rows .* set global_batch_tokens: 96 \(or leave"):
+        run(mixture(*TWO, gbt=4 * PACK), world=2, m=2, steps=1, state=states[3])
 
 
 @pytest.mark.parametrize("rows_in_epoch", [24, 999])

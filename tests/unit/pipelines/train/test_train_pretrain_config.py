@@ -61,7 +61,13 @@ def test_round_trip_and_pickle():
         (["--train.mask_prob", "0"], "mask_prob"),
         (["--trian.lr", "1"], "unknown config key"),
         (["--train.schedule", "step"], "schedule"),
-        (["--data.read_ahead_batches", "0"], "read_ahead_batches must be >= 1"),
+        (["--data.shuffle_window_rows", "-1"], "data.shuffle_window_rows must be >= 0"),
+        (["--train.global_batch_tokens", "-1"], "global_batch_tokens must be >= 0"),
+        (
+            ["--data.sources", "[{name: a, path: /x}, {name: a, path: /y}]"],
+            "distinct names",
+        ),
+        (["--data.sources", "[{name: a, path: /x}]", "--data.preprocess.pack_tokens", "8"], "no effect"),
         (["--data.packed_dir", "x", "--data.preprocess.pack_tokens", "8"], "either data.packed_dir"),
     ],
 )
@@ -94,9 +100,9 @@ def test_packed_dir_checked_through_pyarrow_filesystem(tmp_path, monkeypatch, as
         build_datasets(cfg)  # an empty train/ dir is as bad as none
     (root / "train" / "part-00000.parquet").write_bytes(b"")
     (root / "eval").mkdir()
-    assert build_datasets(cfg) == {"train": "train"}  # no eval shards: no eval dataset
+    assert build_datasets(cfg) == {"train.train": "train"}  # no eval shards: no eval dataset
     (root / "eval" / "part-00000.parquet").write_bytes(b"")
-    assert build_datasets(cfg) == {"train": "train", "eval": "eval"}
+    assert build_datasets(cfg) == {"train.train": "train", "eval": "eval"}
     assert calls[-2:] == [(packed_dir, "train"), (packed_dir, "eval")]
 
 
@@ -165,3 +171,107 @@ def test_packed_dir_of_another_pack_size_is_refused_on_the_driver_with_both_fixe
         check_packed_dir(cfg)
     (tmp_path / "report.json").write_text(json.dumps({"config": {"pack_tokens": 512}}))
     check_packed_dir(cfg)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# train.global_batch_tokens: resolved on the driver; accumulation derived from it
+# ----------------------------------------------------------------------------------------------------------------
+def _saved(cfg, **train) -> dict:
+    """A checkpoint's JSON train state as the runner writes it (only the keys the driver reads)."""
+    from neobert.config_io import to_dict
+
+    conf = to_dict(cfg)
+    conf["train"].update(train)
+    return {"step": 3, "world_size": cfg.scaling.num_workers, "data": None, "config": conf}
+
+
+def test_global_batch_defaults_to_one_micro_batch_per_worker():
+    from pipelines.train.pretrain import resolve_config
+
+    cfg = load_pretrain_config(None, ["--scaling.num_workers", "3", "--train.tokens_per_micro_batch", "1024"])
+    assert cfg.train.global_batch_tokens == 0  # unresolved until the driver resolves it
+    r = resolve_config(cfg)
+    assert r.train.global_batch_tokens == 3 * 1024 and r.num_micro_batches == 1
+    assert r.mixture().global_batch_tokens == 3072 and [s.name for s in r.mixture().sources] == ["train"]
+    set_ = resolve_config(load_pretrain_config(None, ["--train.global_batch_tokens", "8192"]))
+    assert set_.train.global_batch_tokens == 8192 and set_.num_micro_batches == 2  # 16 rows / (2 workers x 4)
+
+
+def test_resume_keeps_the_checkpoints_global_batch_unless_set():
+    from pipelines.train.pretrain import resolve_config
+
+    first = resolve_config(load_pretrain_config(None, ["--scaling.num_workers", "2"]))
+    assert first.train.global_batch_tokens == 4096
+    saved = _saved(first)
+    # Resumed on 1 worker: 0 would mean 2048 on 1 worker; the checkpoint's 4096 wins (2 micro-batches each).
+    again = resolve_config(load_pretrain_config(None, ["--scaling.num_workers", "1"]), saved)
+    assert again.train.global_batch_tokens == 4096 and again.num_micro_batches == 2
+    # Another micro-batch size: same global batch, accumulation follows.
+    small = resolve_config(
+        load_pretrain_config(None, ["--scaling.num_workers", "1", "--train.tokens_per_micro_batch", "1024"]),
+        saved,
+    )
+    assert small.train.global_batch_tokens == 4096 and small.num_micro_batches == 4
+    # A value the user sets wins over the checkpoint's.
+    mine = resolve_config(load_pretrain_config(None, ["--train.global_batch_tokens", "8192"]), saved)
+    assert mine.train.global_batch_tokens == 8192
+
+
+def test_global_batch_not_divisible_names_the_keys():
+    with pytest.raises(
+        ValueError,
+        match=r"train\.global_batch_tokens=6144 .*data\.pack_tokens=512 x "
+        r"scaling\.num_workers=2 x rows per micro-batch=4.*e\.g\. 4096|8192",
+    ):
+        load_pretrain_config(None, ["--train.global_batch_tokens", "6144"])
+    from pipelines.train.pretrain import resolve_config
+
+    saved = _saved(resolve_config(load_pretrain_config(None, ["--scaling.num_workers", "2"])))
+    with pytest.raises(ValueError, match=r"train\.global_batch_tokens=4096.*scaling\.num_workers=3"):
+        resolve_config(load_pretrain_config(None, ["--scaling.num_workers", "3"]), saved)
+
+
+def test_resume_check_accepts_world_and_micro_batch_changes_and_refuses_order_changes(tmp_path):
+    from pipelines.train.config import ConfigError
+    from pipelines.train.data import GlobalStepSource
+    from pipelines.train.pretrain import check_pretrain_resume, resolve_config
+
+    base = ["--checkpoint.storage_path", str(tmp_path), "--data.pack_tokens", "64"]
+    cfg = resolve_config(load_pretrain_config(None, [*base,
+                                                     "--train.tokens_per_micro_batch", "128"]))  # fmt: skip
+    # A real data state: the source's position after one global step of 2 workers x 2 rows.
+    import pyarrow as pa
+
+    from neobert.schema import PACKED_SCHEMA
+
+    n = 12
+    table = pa.table({
+        "input_ids": pa.array([[7, 8, 9]] * n, pa.list_(pa.int32())),
+        "position_ids": pa.array([[0, 1, 2]] * n, pa.list_(pa.int32())),
+        "cu_seqlens": pa.array([[0, 3]] * n, pa.list_(pa.int32())),
+        "max_seqlen": pa.array([3] * n, pa.int32()),
+        "num_tokens": pa.array([3] * n, pa.int32()),
+        "num_segments": pa.array([1] * n, pa.int32()),
+    }, schema=PACKED_SCHEMA)  # fmt: skip
+    with GlobalStepSource(cfg.mixture(), {"train": lambda e: [table]}, pack_tokens=64,
+                          rows_per_micro_batch=2, rank=0, world_size=2) as src:  # fmt: skip
+        src.next_step()
+        state = src.state_dict()
+    saved = {**_saved(cfg), "data": state}
+    for argv in (["--scaling.num_workers", "1"], ["--train.tokens_per_micro_batch=64"], []):
+        other = resolve_config(
+            load_pretrain_config(None, [*base, "--train.tokens_per_micro_batch", "128", *argv]), saved
+        )
+        check_pretrain_resume(other, saved)  # accepted: the run continues at the next unseen row
+    for argv, match in (
+        (["--train.seed", "1"], r"seed=0 but the config says 1.*set seed: 0"),
+        (["--data.shuffle_window_rows", "8"], r"shuffle_window_rows=1024 but the config says 8"),
+        (["--data.sources", "[{name: wiki, path: /x}]"], r"sources \['train'\] differ"),
+    ):
+        other = resolve_config(
+            load_pretrain_config(None, [*base, "--train.tokens_per_micro_batch", "128", *argv]), saved
+        )
+        with pytest.raises(ConfigError, match=match):
+            check_pretrain_resume(other, saved)
+    with pytest.raises(ConfigError, match="not a global data order position"):
+        check_pretrain_resume(cfg, {**saved, "data": {"kind": "shard", "epoch": 0}})
