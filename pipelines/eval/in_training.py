@@ -1,17 +1,23 @@
 """Evaluation during training, off the training loop: Ray Train's `ValidationConfig` runs `validate_checkpoint`
 as a Ray task on each checkpoint reported with `ray.train.report(..., checkpoint=ckpt, validation=True)`; the
 returned scores are merged into that checkpoint's metrics (`Result.best_checkpoints`), so they belong to the step
-the checkpoint was saved at. Training never waits for them (up to Ray's in-flight cap of validation tasks).
+the checkpoint was saved at. Training never waits for them (Ray runs one validation at a time and queues the rest).
 
 Wiring in a training job (driver, then worker):
 
     cfg = InTrainingEvalConfig(tasks=["stsb", "mlm"], every_steps=100, max_examples=256)
-    TorchTrainer(..., validation_config=build_validation_config(cfg))
+    TorchTrainer(..., validation_config=build_validation_config(cfg, results_dir=f"{run_dir}/validation"))
     ray.train.report(metrics, checkpoint=ckpt, validation=cfg.due(step))   # a checkpoint report only
 
 `validate_checkpoint` runs the same task code as jobs/evaluate.py (one seed, `max_examples` examples per task) on
 the checkpoint's `model/` dir and returns flat, slash-namespaced scores: `val/<task>/<metric>` plus `val/step` (the
 step stored in the model dir), ready for metrics.jsonl / TensorBoard / MLflow.
+
+Ray keeps the scores only with the checkpoint they belong to, and `checkpoint.num_to_keep` deletes a checkpoint
+(and its metrics) as soon as its validation is done and newer checkpoints exist. With `results_dir` set, the task
+therefore also writes one result file per step there (`step_<N>.json`: `{"step", "checkpoint", "metrics"}`, or
+`{"step", "checkpoint", "error"}` when the validation raised), written aside and renamed into place: what the
+training job's rank 0 reads to route the scores into its metric sinks (`pipelines.train.validation`).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -32,31 +39,36 @@ PREFIX = "val"
 
 @dataclasses.dataclass
 class InTrainingEvalConfig:
+    """The `validation:` section of a training config (the keys below are `validation.<field>`)."""
+
     tasks: list[str] = dataclasses.field(default_factory=lambda: ["stsb", "retrieval", "mlm"])
-    every_steps: int = 0  # validate the checkpoint of every N-th step (0 = off); rides on checkpoint reports
+    every_steps: int = 0  # validate the checkpoint of every N-th step and the last one (0 = off)
     max_examples: int = (
         256  # per task (a stable subset): small, so a validation ends before the next one is due
     )
     seeds: list[int] = dataclasses.field(default_factory=lambda: [0])  # fine-tuned tasks: one run per seed
     num_cpus: float = 1.0  # resources of the validation Ray task
     num_gpus: float = 0.0
-    timeout_s: float = 0.0  # cancel a validation running longer (0 = no limit)
+    timeout_s: float = (
+        1800.0  # Ray cancels a validation running longer (counted from its launch; 0 = no limit)
+    )
 
     def __post_init__(self) -> None:
         bad = [t for t in self.tasks if t not in ALL_TASKS]
         if bad or not self.tasks:
-            raise ValueError(f"eval.tasks={self.tasks}: unknown {bad}; choose from {list(ALL_TASKS)}")
-        if self.every_steps < 0 or self.max_examples < 0 or self.timeout_s < 0:
-            raise ValueError(
-                f"eval.every_steps={self.every_steps}, eval.max_examples={self.max_examples} and "
-                f"eval.timeout_s={self.timeout_s} must be >= 0"
-            )
+            raise ValueError(f"validation.tasks={self.tasks}: unknown {bad}; choose from {list(ALL_TASKS)}")
+        for name in ("every_steps", "max_examples", "timeout_s", "num_gpus"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"validation.{name} must be >= 0, got {getattr(self, name)}")
+        if self.num_cpus <= 0:
+            raise ValueError(f"validation.num_cpus must be > 0, got {self.num_cpus}")
         if not self.seeds:
-            raise ValueError("eval.seeds must name at least one seed")
+            raise ValueError("validation.seeds must name at least one seed")
 
-    def due(self, step: int) -> bool:
-        """Whether the checkpoint reported at `step` should be validated (pass as `report(validation=...)`)."""
-        return self.every_steps > 0 and step % self.every_steps == 0
+    def due(self, step: int, last: bool = False) -> bool:
+        """Whether the checkpoint reported at `step` (`last`: the run's last step) should be validated (pass as
+        `report(validation=...)`)."""
+        return self.every_steps > 0 and (step % self.every_steps == 0 or last)
 
     def fn_kwargs(self) -> dict[str, Any]:
         return {"tasks": list(self.tasks), "max_examples": self.max_examples, "seeds": list(self.seeds)}
@@ -88,32 +100,83 @@ def score_model_dir(
         for metric in runs[0] if runs else []:
             if not metric.startswith("num_"):
                 out[f"{PREFIX}/{task}/{metric}"] = float(np.mean([r[metric] for r in runs]))
-    meta = Path(ref.path) / "neobert_config.json"
-    if meta.is_file():
-        step = json.loads(meta.read_text()).get("extra", {}).get("step")
-        if step is not None:
-            out[f"{PREFIX}/step"] = int(step)
+    step = checkpoint_step(ref.path)
+    if step is not None:
+        out[f"{PREFIX}/step"] = step
     out[f"{PREFIX}/seconds"] = time.perf_counter() - t0
     return out
 
 
+def result_name(step: int) -> str:
+    """The result file of the validation of the checkpoint of `step` inside `results_dir`."""
+    return f"step_{step:09d}.json"
+
+
+def write_result(results_dir: str, record: dict[str, Any]) -> None:
+    """Write one result record as `results_dir/step_<N>.json`: aside first, then renamed into place, so a reader
+    never sees half a file (local dirs and URIs alike, through pyarrow filesystems)."""
+    import posixpath
+
+    from pipelines.io import filesystem_for
+
+    fs, root = filesystem_for(results_dir)
+    fs.create_dir(root, recursive=True)
+    final = posixpath.join(root, result_name(int(record["step"])))
+    tmp = f"{final}.tmp-{os.getpid()}"
+    with fs.open_output_stream(tmp) as f:
+        f.write((json.dumps(record) + "\n").encode("utf-8"))
+    fs.move(tmp, final)
+
+
+def checkpoint_step(checkpoint_dir: str | Path) -> int | None:
+    """The training step stored in a checkpoint's `model/` dir (`neobert_config.json` extra.step), or None."""
+    for meta in (
+        Path(checkpoint_dir) / "model" / "neobert_config.json",
+        Path(checkpoint_dir) / "neobert_config.json",
+    ):
+        if meta.is_file():
+            step = json.loads(meta.read_text()).get("extra", {}).get("step")
+            return None if step is None else int(step)
+    return None
+
+
 def validate_checkpoint(
-    checkpoint, *, tasks: list[str], max_examples: int, seeds: list[int]
+    checkpoint,
+    *,
+    tasks: list[str],
+    max_examples: int,
+    seeds: list[int],
+    results_dir: str | None = None,
 ) -> dict[str, float]:
-    """The `ValidationConfig.fn`: a `ray.train.Checkpoint` (holding `model/`) -> scores dict."""
+    """The `ValidationConfig.fn`: a `ray.train.Checkpoint` (holding `model/`) -> scores dict. With `results_dir`,
+    the scores (or the error, which is then raised again for Ray to record) also go to a result file there."""
+    name = Path(str(checkpoint.path)).name
     with checkpoint.as_directory() as d:
-        return score_model_dir(d, tasks=tasks, max_examples=max_examples, seeds=seeds)
+        step = checkpoint_step(d)
+        try:
+            scores = score_model_dir(d, tasks=tasks, max_examples=max_examples, seeds=seeds)
+        except Exception as e:
+            if results_dir is not None and step is not None:
+                write_result(
+                    results_dir, {"step": step, "checkpoint": name, "error": f"{type(e).__name__}: {e}"}
+                )
+            raise
+    if results_dir is not None and step is not None:
+        write_result(results_dir, {"step": step, "checkpoint": name, "metrics": scores})
+    return scores
 
 
-def build_validation_config(cfg: InTrainingEvalConfig):
-    """A `ray.train.ValidationConfig` running `validate_checkpoint` with `cfg`'s tasks; None when off."""
+def build_validation_config(cfg: InTrainingEvalConfig, results_dir: str | None = None):
+    """A `ray.train.ValidationConfig` running `validate_checkpoint` with `cfg`'s tasks (result files into
+    `results_dir` when given); None when off."""
     if cfg.every_steps == 0:
         return None
     from ray.train import ValidationConfig, ValidationTaskConfig
 
+    kwargs = cfg.fn_kwargs() | ({"results_dir": results_dir} if results_dir is not None else {})
     return ValidationConfig(
         fn=validate_checkpoint,
-        task_config=ValidationTaskConfig(fn_kwargs=cfg.fn_kwargs(), timeout_s=cfg.timeout_s or None),
+        task_config=ValidationTaskConfig(fn_kwargs=kwargs, timeout_s=cfg.timeout_s or None),
         ray_remote_kwargs={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus, "max_retries": 0},
     )
 

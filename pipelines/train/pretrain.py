@@ -35,6 +35,7 @@ import torch
 from neobert.config_io import to_dict
 from neobert.model import NeoBERTConfig
 from neobert.training import MicroBatch, mask_seed, mask_tokens, model_flops, peak_flops, train_step
+from pipelines.eval.in_training import InTrainingEvalConfig
 from pipelines.tokenizer import MASK_ID, SPECIAL_IDS
 from pipelines.train import run_dir as rd
 from pipelines.train.collate import PackedBatch, PackedCollateFn
@@ -59,6 +60,9 @@ from pipelines.train.data import (
     step_source_from_shards,
 )
 from pipelines.train.runner import TrainRunner, fit_trainer, prepare_run, run_config, run_worker
+from pipelines.train.validation import check_config as check_validation_config
+from pipelines.train.validation import check_resources as check_validation_resources
+from pipelines.train.validation import validation_config
 
 log = logging.getLogger("neobert.pretrain")
 
@@ -153,9 +157,12 @@ class PretrainConfig(TrainJobConfig):
     data: DataSection = field(default_factory=DataSection)
     train: PretrainTrainSection = field(default_factory=PretrainTrainSection)
     logging: PretrainLoggingSection = field(default_factory=PretrainLoggingSection)
+    # in-training evaluation of checkpoints (pipelines.eval tasks, in a Ray task; docs/evaluation.md)
+    validation: InTrainingEvalConfig = field(default_factory=InTrainingEvalConfig)
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_validation_config(self.validation, self.checkpoint.every_steps)
         t, d = self.train, self.data
         if t.tokens_per_micro_batch < d.pack_tokens:
             raise ValueError(
@@ -577,6 +584,7 @@ def build_trainer(cfg: PretrainConfig, datasets: dict[str, Any] | None = None):
         # does not depend on the world size); eval is not split either (each rank takes its micro-batches).
         dataset_config=source_data_config(),
         run_config=run_config(cfg),
+        validation_config=validation_config(cfg),  # None when validation.every_steps = 0
     )
 
 
@@ -638,4 +646,5 @@ def fit(cfg: PretrainConfig, datasets: dict[str, Any] | None = None):
     """Run (or resume) the pretraining job `cfg`; returns Ray Train's `Result`. The driver resolves and checks
     everything first (`prepare_pretrain_run`): config and data errors never reach a worker."""
     cfg = prepare_pretrain_run(cfg, check_inputs=datasets is None)
+    check_validation_resources(cfg.validation, use_gpu=cfg.scaling.use_gpu)
     return fit_trainer(build_trainer(cfg, datasets), cfg)
