@@ -13,11 +13,11 @@ Wiring in a training job (driver, then worker):
 the checkpoint's `model/` dir and returns flat, slash-namespaced scores: `val/<task>/<metric>` plus `val/step` (the
 step stored in the model dir), ready for metrics.jsonl / TensorBoard / MLflow.
 
-Ray keeps the scores only with the checkpoint they belong to, and `checkpoint.num_to_keep` deletes a checkpoint
-(and its metrics) as soon as its validation is done and newer checkpoints exist. With `results_dir` set, the task
-therefore also writes one result file per step there (`step_<N>.json`: `{"step", "checkpoint", "metrics"}`, or
-`{"step", "checkpoint", "error"}` when the validation raised), written aside and renamed into place: what the
-training job's rank 0 reads to route the scores into its metric sinks (`pipelines.train.validation`).
+With `results_dir` set, the task also writes one result file per step there
+(`pipelines.train.validation.write_result`; the error instead when the validation raised): what the training job's
+rank 0 routes into its metric sinks. A training job gets this harness as `VALIDATOR` (the function plus the
+driver-side task-name check), e.g. `pipelines.train.pretrain.fit(cfg, validator=VALIDATOR)` as jobs/pretrain.py
+does; the training runtime itself never imports `pipelines.eval`.
 """
 
 from __future__ import annotations
@@ -25,53 +25,31 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 from pipelines.eval.tasks import ALL_TASKS
+from pipelines.train.validation import PREFIX, ValidationSection, Validator, write_result
+from pipelines.train.validation import build_validation_config as _build_validation_config
 
 log = logging.getLogger("neobert.eval")
 
-PREFIX = "val"
+
+def check_tasks(section: ValidationSection) -> None:
+    """The section's task names must be tasks of this harness (driver side, before Ray starts)."""
+    bad = [t for t in section.tasks if t not in ALL_TASKS]
+    if bad or not section.tasks:
+        raise ValueError(f"validation.tasks={section.tasks}: unknown {bad}; choose from {list(ALL_TASKS)}")
 
 
 @dataclasses.dataclass
-class InTrainingEvalConfig:
-    """The `validation:` section of a training config (the keys below are `validation.<field>`)."""
-
-    tasks: list[str] = dataclasses.field(default_factory=lambda: ["stsb", "retrieval", "mlm"])
-    every_steps: int = 0  # validate the checkpoint of every N-th step and the last one (0 = off)
-    max_examples: int = (
-        256  # per task (a stable subset): small, so a validation ends before the next one is due
-    )
-    seeds: list[int] = dataclasses.field(default_factory=lambda: [0])  # fine-tuned tasks: one run per seed
-    num_cpus: float = 1.0  # resources of the validation Ray task
-    num_gpus: float = 0.0
-    timeout_s: float = (
-        1800.0  # Ray cancels a validation running longer (counted from its launch; 0 = no limit)
-    )
+class InTrainingEvalConfig(ValidationSection):
+    """A `validation:` section whose tasks are checked against this harness's tasks when it is built."""
 
     def __post_init__(self) -> None:
-        bad = [t for t in self.tasks if t not in ALL_TASKS]
-        if bad or not self.tasks:
-            raise ValueError(f"validation.tasks={self.tasks}: unknown {bad}; choose from {list(ALL_TASKS)}")
-        for name in ("every_steps", "max_examples", "timeout_s", "num_gpus"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"validation.{name} must be >= 0, got {getattr(self, name)}")
-        if self.num_cpus <= 0:
-            raise ValueError(f"validation.num_cpus must be > 0, got {self.num_cpus}")
-        if not self.seeds:
-            raise ValueError("validation.seeds must name at least one seed")
-
-    def due(self, step: int, last: bool = False) -> bool:
-        """Whether the checkpoint reported at `step` (`last`: the run's last step) should be validated (pass as
-        `report(validation=...)`)."""
-        return self.every_steps > 0 and (step % self.every_steps == 0 or last)
-
-    def fn_kwargs(self) -> dict[str, Any]:
-        return {"tasks": list(self.tasks), "max_examples": self.max_examples, "seeds": list(self.seeds)}
+        super().__post_init__()
+        check_tasks(self)
 
 
 def score_model_dir(
@@ -105,27 +83,6 @@ def score_model_dir(
         out[f"{PREFIX}/step"] = step
     out[f"{PREFIX}/seconds"] = time.perf_counter() - t0
     return out
-
-
-def result_name(step: int) -> str:
-    """The result file of the validation of the checkpoint of `step` inside `results_dir`."""
-    return f"step_{step:09d}.json"
-
-
-def write_result(results_dir: str, record: dict[str, Any]) -> None:
-    """Write one result record as `results_dir/step_<N>.json`: aside first, then renamed into place, so a reader
-    never sees half a file (local dirs and URIs alike, through pyarrow filesystems)."""
-    import posixpath
-
-    from pipelines.io import filesystem_for
-
-    fs, root = filesystem_for(results_dir)
-    fs.create_dir(root, recursive=True)
-    final = posixpath.join(root, result_name(int(record["step"])))
-    tmp = f"{final}.tmp-{os.getpid()}"
-    with fs.open_output_stream(tmp) as f:
-        f.write((json.dumps(record) + "\n").encode("utf-8"))
-    fs.move(tmp, final)
 
 
 def checkpoint_step(checkpoint_dir: str | Path) -> int | None:
@@ -166,19 +123,14 @@ def validate_checkpoint(
     return scores
 
 
-def build_validation_config(cfg: InTrainingEvalConfig, results_dir: str | None = None):
+def build_validation_config(cfg: ValidationSection, results_dir: str | None = None):
     """A `ray.train.ValidationConfig` running `validate_checkpoint` with `cfg`'s tasks (result files into
     `results_dir` when given); None when off."""
-    if cfg.every_steps == 0:
-        return None
-    from ray.train import ValidationConfig, ValidationTaskConfig
+    return _build_validation_config(cfg, validate_checkpoint, results_dir)
 
-    kwargs = cfg.fn_kwargs() | ({"results_dir": results_dir} if results_dir is not None else {})
-    return ValidationConfig(
-        fn=validate_checkpoint,
-        task_config=ValidationTaskConfig(fn_kwargs=kwargs, timeout_s=cfg.timeout_s or None),
-        ray_remote_kwargs={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus, "max_retries": 0},
-    )
+
+# What a training job is given to validate its checkpoints with this harness (`pipelines.train.pretrain.fit`).
+VALIDATOR = Validator(fn=validate_checkpoint, check=check_tasks)
 
 
 def smoke_train_loop(config: dict[str, Any]) -> None:

@@ -35,7 +35,6 @@ import torch
 from neobert.config_io import to_dict
 from neobert.model import NeoBERTConfig
 from neobert.training import MicroBatch, mask_seed, mask_tokens, model_flops, peak_flops, train_step
-from pipelines.eval.in_training import InTrainingEvalConfig
 from pipelines.tokenizer import MASK_ID, SPECIAL_IDS
 from pipelines.train import run_dir as rd
 from pipelines.train.collate import PackedBatch, PackedCollateFn
@@ -60,9 +59,9 @@ from pipelines.train.data import (
     step_source_from_shards,
 )
 from pipelines.train.runner import TrainRunner, fit_trainer, prepare_run, run_config, run_worker
+from pipelines.train.validation import ValidationSection, Validator, validation_config
 from pipelines.train.validation import check_config as check_validation_config
 from pipelines.train.validation import check_resources as check_validation_resources
-from pipelines.train.validation import validation_config
 
 log = logging.getLogger("neobert.pretrain")
 
@@ -158,7 +157,7 @@ class PretrainConfig(TrainJobConfig):
     train: PretrainTrainSection = field(default_factory=PretrainTrainSection)
     logging: PretrainLoggingSection = field(default_factory=PretrainLoggingSection)
     # in-training evaluation of checkpoints (pipelines.eval tasks, in a Ray task; docs/evaluation.md)
-    validation: InTrainingEvalConfig = field(default_factory=InTrainingEvalConfig)
+    validation: ValidationSection = field(default_factory=ValidationSection)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -569,8 +568,11 @@ def build_datasets(cfg: PretrainConfig) -> dict[str, Any]:
     return ds
 
 
-def build_trainer(cfg: PretrainConfig, datasets: dict[str, Any] | None = None):
-    """The `TorchTrainer` for `cfg` (datasets built from `cfg.data` unless given; `cfg` resolved)."""
+def build_trainer(
+    cfg: PretrainConfig, datasets: dict[str, Any] | None = None, validator: Validator | None = None
+):
+    """The `TorchTrainer` for `cfg` (datasets built from `cfg.data` unless given; `cfg` resolved; `validator`
+    scores the checkpoints when `validation.every_steps` > 0)."""
     from ray.train.torch import TorchTrainer
 
     datasets = datasets if datasets is not None else build_datasets(cfg)
@@ -584,7 +586,7 @@ def build_trainer(cfg: PretrainConfig, datasets: dict[str, Any] | None = None):
         # does not depend on the world size); eval is not split either (each rank takes its micro-batches).
         dataset_config=source_data_config(),
         run_config=run_config(cfg),
-        validation_config=validation_config(cfg),  # None when validation.every_steps = 0
+        validation_config=validation_config(cfg, validator),  # None when validation.every_steps = 0
     )
 
 
@@ -642,9 +644,13 @@ def prepare_pretrain_run(cfg: PretrainConfig, *, check_inputs: bool = True) -> P
     return cfg
 
 
-def fit(cfg: PretrainConfig, datasets: dict[str, Any] | None = None):
+def fit(cfg: PretrainConfig, datasets: dict[str, Any] | None = None, validator: Validator | None = None):
     """Run (or resume) the pretraining job `cfg`; returns Ray Train's `Result`. The driver resolves and checks
-    everything first (`prepare_pretrain_run`): config and data errors never reach a worker."""
+    everything first (`prepare_pretrain_run`): config and data errors never reach a worker. `validator` (e.g.
+    `pipelines.eval.in_training.VALIDATOR`) scores checkpoints in the background when `validation.every_steps` > 0
+    (`pipelines.train.validation`)."""
+    if cfg.validation.every_steps and validator is not None:
+        validator.check(cfg.validation)
     cfg = prepare_pretrain_run(cfg, check_inputs=datasets is None)
     check_validation_resources(cfg.validation, use_gpu=cfg.scaling.use_gpu)
-    return fit_trainer(build_trainer(cfg, datasets), cfg)
+    return fit_trainer(build_trainer(cfg, datasets, validator), cfg)

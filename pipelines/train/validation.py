@@ -4,9 +4,12 @@ The evaluation itself is Ray Train's built-in checkpoint validation (`ray.train.
 reported with `validation=True` is scored by `pipelines.eval.in_training.validate_checkpoint` in a Ray task while
 training goes on. This module adds what a training job needs around it:
 
-- driver: `validation_config(cfg)` builds the `ValidationConfig` whose task writes one result file per step into
-  `<run dir>/validation/`, and `check_resources(cfg)` refuses a task no node of the cluster can ever run (it would
-  wait forever, and Ray's fit with it);
+- the `validation:` config section (`ValidationSection`) and the `Validator` seam: what scores a checkpoint is
+  given to the job by its caller (`pipelines.eval.in_training.VALIDATOR`, passed by jobs/pretrain.py), so the
+  training runtime never imports the evaluation harness (which builds on training's data code);
+- driver: `validation_config(cfg, validator)` builds the `ValidationConfig` whose task writes one result file per
+  step into `<run dir>/validation/` (`write_result`), and `check_resources(cfg)` refuses a task no node of the
+  cluster can ever run (it would wait forever, and Ray's fit with it);
 - rank 0 of the workers: `ValidationTracker` remembers the steps that asked (`request`, saved in the train state so
   a resumed run still knows them), routes every new result file into the metric sinks at the step it belongs to
   (`poll`, once per logging window: one directory listing), and at the end waits for Ray to finish the
@@ -22,31 +25,128 @@ and in the run's last record `val/num_requested` / `val/num_missing`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import os
 import posixpath
 from collections.abc import Callable
 from typing import Any
 
 import pyarrow.fs as pafs
 
-from pipelines.eval.in_training import PREFIX, InTrainingEvalConfig, build_validation_config
-
 log = logging.getLogger("neobert.train")
 
+PREFIX = "val"  # metric names: val/<task>/<metric>
 RESULTS_DIR = "validation"  # inside the run dir
+
+
+@dataclasses.dataclass
+class ValidationSection:
+    """The `validation:` section of a training config (keys `validation.<field>`). Which task names exist is the
+    validator's business (`Validator.check`: the evaluation harness checks them against its tasks)."""
+
+    tasks: list[str] = dataclasses.field(default_factory=lambda: ["stsb", "retrieval", "mlm"])
+    every_steps: int = 0  # validate the checkpoint of every N-th step and the last one (0 = off)
+    max_examples: int = (
+        256  # per task (a stable subset): small, so a validation ends before the next one is due
+    )
+    seeds: list[int] = dataclasses.field(default_factory=lambda: [0])  # fine-tuned tasks: one run per seed
+    num_cpus: float = 1.0  # resources of the validation Ray task
+    num_gpus: float = 0.0
+    timeout_s: float = (
+        1800.0  # Ray cancels a validation running longer (counted from its launch; 0 = no limit)
+    )
+
+    def __post_init__(self) -> None:
+        if not self.tasks:
+            raise ValueError("validation.tasks must name at least one task")
+        for name in ("every_steps", "max_examples", "timeout_s", "num_gpus"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"validation.{name} must be >= 0, got {getattr(self, name)}")
+        if self.num_cpus <= 0:
+            raise ValueError(f"validation.num_cpus must be > 0, got {self.num_cpus}")
+        if not self.seeds:
+            raise ValueError("validation.seeds must name at least one seed")
+
+    def due(self, step: int, last: bool = False) -> bool:
+        """Whether the checkpoint reported at `step` (`last`: the run's last step) should be validated (pass as
+        `report(validation=...)`)."""
+        return self.every_steps > 0 and (step % self.every_steps == 0 or last)
+
+    def fn_kwargs(self) -> dict[str, Any]:
+        return {"tasks": list(self.tasks), "max_examples": self.max_examples, "seeds": list(self.seeds)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Validator:
+    """What scores a checkpoint: `fn(checkpoint, *, tasks, max_examples, seeds, results_dir)` -> {metric: value}
+    (run by Ray in a task; it writes its result file with `write_result`), and `check(section)`, run on the driver
+    before Ray starts (unknown task names -> ValueError). The evaluation harness provides one
+    (`pipelines.eval.in_training.VALIDATOR`); training code never imports the harness."""
+
+    fn: Callable[..., dict[str, float]]
+    check: Callable[[ValidationSection], None]
 
 
 def results_dir(run_dir: str) -> str:
     return f"{run_dir.rstrip('/')}/{RESULTS_DIR}"
 
 
-def validation_config(cfg: Any):
+def result_name(step: int) -> str:
+    """The result file of the validation of the checkpoint of `step` inside the results dir."""
+    return f"step_{step:09d}.json"
+
+
+def write_result(results_dir: str, record: dict[str, Any]) -> None:
+    """Write one result record (`{"step", "checkpoint", "metrics"}` or `{"step", "checkpoint", "error"}`) as
+    `results_dir/step_<N>.json`: aside first, then renamed into place, so a reader never sees half a file (local
+    dirs and URIs alike, through pyarrow filesystems)."""
+    from pipelines.io import filesystem_for
+
+    fs, root = filesystem_for(results_dir)
+    fs.create_dir(root, recursive=True)
+    final = posixpath.join(root, result_name(int(record["step"])))
+    tmp = f"{final}.tmp-{os.getpid()}"
+    with fs.open_output_stream(tmp) as f:
+        f.write((json.dumps(record) + "\n").encode("utf-8"))
+    fs.move(tmp, final)
+
+
+def build_validation_config(
+    section: ValidationSection, fn: Callable[..., Any], results_dir: str | None = None
+):
+    """A `ray.train.ValidationConfig` running `fn` with the section's tasks and sizes (and `results_dir` when
+    given) as a Ray task with the section's resources and timeout; None when validation is off."""
+    if section.every_steps == 0:
+        return None
+    from ray.train import ValidationConfig, ValidationTaskConfig
+
+    kwargs = section.fn_kwargs() | ({"results_dir": results_dir} if results_dir is not None else {})
+    return ValidationConfig(
+        fn=fn,
+        task_config=ValidationTaskConfig(fn_kwargs=kwargs, timeout_s=section.timeout_s or None),
+        ray_remote_kwargs={"num_cpus": section.num_cpus, "num_gpus": section.num_gpus, "max_retries": 0},
+    )
+
+
+def validation_config(cfg: Any, validator: Validator | None):
     """Driver: the `ray.train.ValidationConfig` of a job config with a `validation` section (None when off)."""
-    return build_validation_config(cfg.validation, results_dir=results_dir(cfg.run_dir))
+    section = cfg.validation
+    if not section.every_steps:
+        return None
+    if validator is None:
+        from pipelines.train.config import ConfigError
+
+        raise ConfigError(
+            f"validation.every_steps={section.every_steps} but no validator was given: pass "
+            "validator=pipelines.eval.in_training.VALIDATOR (jobs/pretrain.py does), or set validation.every_steps=0"
+        )
+    validator.check(section)
+    return build_validation_config(section, validator.fn, results_dir(cfg.run_dir))
 
 
-def check_config(cfg: InTrainingEvalConfig, checkpoint_every: int) -> None:
+def check_config(cfg: ValidationSection, checkpoint_every: int) -> None:
     """A validation scores the checkpoint saved at its step, so its steps must be checkpoint steps."""
     n = cfg.every_steps
     if not n:
@@ -64,7 +164,7 @@ def check_config(cfg: InTrainingEvalConfig, checkpoint_every: int) -> None:
         )
 
 
-def check_resources(cfg: InTrainingEvalConfig, use_gpu: bool = False) -> None:
+def check_resources(cfg: ValidationSection, use_gpu: bool = False) -> None:
     """Driver, with Ray initialised: the validation task must fit on some node, else it never starts (and Ray
     waits for it before `fit()` returns). A GPU task next to GPU training only runs when a GPU is free: warned."""
     import ray
@@ -90,7 +190,7 @@ def check_resources(cfg: InTrainingEvalConfig, use_gpu: bool = False) -> None:
 class ValidationTracker:
     """Rank 0's bookkeeping of in-training validation (see the module docstring)."""
 
-    def __init__(self, cfg: InTrainingEvalConfig, run_dir: str, metrics_path: Any) -> None:
+    def __init__(self, cfg: ValidationSection, run_dir: str, metrics_path: Any) -> None:
         from pipelines.io import filesystem_for
 
         self.cfg = cfg

@@ -11,10 +11,9 @@ from pathlib import Path
 import pytest
 
 from pipelines import cli
-from pipelines.eval.in_training import write_result
 from pipelines.train.pretrain import load_pretrain_config
 from pipelines.train.sinks import MetricSinks, RunFiles
-from pipelines.train.validation import RESULTS_DIR, ValidationTracker, results_dir
+from pipelines.train.validation import RESULTS_DIR, ValidationTracker, results_dir, write_result
 
 REPO = Path(__file__).resolve().parents[4]
 
@@ -201,3 +200,18 @@ def test_falling_behind_is_warned_once(run, caplog):
 def test_results_dir_is_inside_the_run_dir():
     assert results_dir("s3://b/runs/x") == f"s3://b/runs/x/{RESULTS_DIR}"
     assert results_dir("/r/x/") == f"/r/x/{RESULTS_DIR}"
+
+
+def test_validation_config_needs_a_validator_and_points_at_the_run_dir():
+    from pipelines.eval.in_training import VALIDATOR, validate_checkpoint
+    from pipelines.train.config import ConfigError
+    from pipelines.train.validation import validation_config
+
+    off = load_pretrain_config(None, [])
+    assert validation_config(off, None) is None
+    cfg = load_pretrain_config(None, ["--validation.every_steps=20", "--validation.timeout_s=0"])
+    with pytest.raises(ConfigError, match="no validator was given: pass validator="):
+        validation_config(cfg, None)
+    vc = validation_config(cfg, VALIDATOR)
+    assert vc.fn is validate_checkpoint and vc.task_config.timeout_s is None  # 0 = no limit
+    assert vc.task_config.fn_kwargs["results_dir"] == f"{cfg.run_dir}/{RESULTS_DIR}"
