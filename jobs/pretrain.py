@@ -20,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout / `--working-dir .`
 
 from pipelines import cli, contracts  # noqa: E402
+from pipelines.eval.in_training import VALIDATOR  # noqa: E402
 from pipelines.train.pretrain import (  # noqa: E402
     DEFAULT_CONFIG,
     PretrainConfig,
@@ -31,7 +32,9 @@ from pipelines.train.sinks import METRICS_FILE  # noqa: E402
 
 
 def prepare(cfg: PretrainConfig, ctx: cli.Context) -> list[str]:
-    """Driver-side checks of a packed dir; data.pack_tokens comes from its report.json unless the user set it."""
+    """Driver-side checks before Ray starts: the validation tasks; a packed dir (data.pack_tokens comes from its
+    report.json unless the user set it)."""
+    VALIDATOR.check(cfg.validation)  # a typo in a task name is an error even while validation is off
     if not cfg.data.packed_dir:
         return []
     contracts.check_packed_dir(cfg.data.packed_dir)
@@ -53,7 +56,7 @@ def run(cfg: PretrainConfig, ctx: cli.Context) -> int:
     # >= 4 logical CPUs locally so Train workers and Ray Data tasks fit on small boxes
     ctx.init_ray(local_num_cpus=max(4, os.cpu_count() or 1))
     print(f"run dir: {cfg.run_dir}", flush=True)
-    result = fit(cfg, prepared=True)  # Ray Train V2 raises when the run fails for good
+    result = fit(cfg, validator=VALIDATOR, prepared=True)  # Ray Train V2 raises when the run fails for good
     print(f"metrics: {os.path.join(cfg.run_dir, METRICS_FILE)}")
     print(f"final checkpoint: {result.checkpoint.path if result.checkpoint else None}")
     if result.error:

@@ -1,17 +1,23 @@
 """Evaluation during training, off the training loop: Ray Train's `ValidationConfig` runs `validate_checkpoint`
 as a Ray task on each checkpoint reported with `ray.train.report(..., checkpoint=ckpt, validation=True)`; the
 returned scores are merged into that checkpoint's metrics (`Result.best_checkpoints`), so they belong to the step
-the checkpoint was saved at. Training never waits for them (up to Ray's in-flight cap of validation tasks).
+the checkpoint was saved at. Training never waits for them (Ray runs one validation at a time and queues the rest).
 
 Wiring in a training job (driver, then worker):
 
     cfg = InTrainingEvalConfig(tasks=["stsb", "mlm"], every_steps=100, max_examples=256)
-    TorchTrainer(..., validation_config=build_validation_config(cfg))
+    TorchTrainer(..., validation_config=build_validation_config(cfg, results_dir=f"{run_dir}/validation"))
     ray.train.report(metrics, checkpoint=ckpt, validation=cfg.due(step))   # a checkpoint report only
 
 `validate_checkpoint` runs the same task code as jobs/evaluate.py (one seed, `max_examples` examples per task) on
 the checkpoint's `model/` dir and returns flat, slash-namespaced scores: `val/<task>/<metric>` plus `val/step` (the
 step stored in the model dir), ready for metrics.jsonl / TensorBoard / MLflow.
+
+With `results_dir` set, the task also writes one result file per step there
+(`pipelines.train.validation.write_result`; the error instead when the validation raised): what the training job's
+rank 0 routes into its metric sinks. A training job gets this harness as `VALIDATOR` (the function plus the
+driver-side task-name check), e.g. `pipelines.train.pretrain.fit(cfg, validator=VALIDATOR)` as jobs/pretrain.py
+does; the training runtime itself never imports `pipelines.eval`.
 """
 
 from __future__ import annotations
@@ -24,42 +30,26 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.eval.tasks import ALL_TASKS
+from pipelines.train.validation import PREFIX, ValidationSection, Validator, write_result
+from pipelines.train.validation import build_validation_config as _build_validation_config
 
 log = logging.getLogger("neobert.eval")
 
-PREFIX = "val"
+
+def check_tasks(section: ValidationSection) -> None:
+    """The section's task names must be tasks of this harness (driver side, before Ray starts)."""
+    bad = [t for t in section.tasks if t not in ALL_TASKS]
+    if bad or not section.tasks:
+        raise ValueError(f"validation.tasks={section.tasks}: unknown {bad}; choose from {list(ALL_TASKS)}")
 
 
 @dataclasses.dataclass
-class InTrainingEvalConfig:
-    tasks: list[str] = dataclasses.field(default_factory=lambda: ["stsb", "retrieval", "mlm"])
-    every_steps: int = 0  # validate the checkpoint of every N-th step (0 = off); rides on checkpoint reports
-    max_examples: int = (
-        256  # per task (a stable subset): small, so a validation ends before the next one is due
-    )
-    seeds: list[int] = dataclasses.field(default_factory=lambda: [0])  # fine-tuned tasks: one run per seed
-    num_cpus: float = 1.0  # resources of the validation Ray task
-    num_gpus: float = 0.0
-    timeout_s: float = 0.0  # cancel a validation running longer (0 = no limit)
+class InTrainingEvalConfig(ValidationSection):
+    """A `validation:` section whose tasks are checked against this harness's tasks when it is built."""
 
     def __post_init__(self) -> None:
-        bad = [t for t in self.tasks if t not in ALL_TASKS]
-        if bad or not self.tasks:
-            raise ValueError(f"eval.tasks={self.tasks}: unknown {bad}; choose from {list(ALL_TASKS)}")
-        if self.every_steps < 0 or self.max_examples < 0 or self.timeout_s < 0:
-            raise ValueError(
-                f"eval.every_steps={self.every_steps}, eval.max_examples={self.max_examples} and "
-                f"eval.timeout_s={self.timeout_s} must be >= 0"
-            )
-        if not self.seeds:
-            raise ValueError("eval.seeds must name at least one seed")
-
-    def due(self, step: int) -> bool:
-        """Whether the checkpoint reported at `step` should be validated (pass as `report(validation=...)`)."""
-        return self.every_steps > 0 and step % self.every_steps == 0
-
-    def fn_kwargs(self) -> dict[str, Any]:
-        return {"tasks": list(self.tasks), "max_examples": self.max_examples, "seeds": list(self.seeds)}
+        super().__post_init__()
+        check_tasks(self)
 
 
 def score_model_dir(
@@ -88,34 +78,59 @@ def score_model_dir(
         for metric in runs[0] if runs else []:
             if not metric.startswith("num_"):
                 out[f"{PREFIX}/{task}/{metric}"] = float(np.mean([r[metric] for r in runs]))
-    meta = Path(ref.path) / "neobert_config.json"
-    if meta.is_file():
-        step = json.loads(meta.read_text()).get("extra", {}).get("step")
-        if step is not None:
-            out[f"{PREFIX}/step"] = int(step)
+    step = checkpoint_step(ref.path)
+    if step is not None:
+        out[f"{PREFIX}/step"] = step
     out[f"{PREFIX}/seconds"] = time.perf_counter() - t0
     return out
 
 
+def checkpoint_step(checkpoint_dir: str | Path) -> int | None:
+    """The training step stored in a checkpoint's `model/` dir (`neobert_config.json` extra.step), or None."""
+    for meta in (
+        Path(checkpoint_dir) / "model" / "neobert_config.json",
+        Path(checkpoint_dir) / "neobert_config.json",
+    ):
+        if meta.is_file():
+            step = json.loads(meta.read_text()).get("extra", {}).get("step")
+            return None if step is None else int(step)
+    return None
+
+
 def validate_checkpoint(
-    checkpoint, *, tasks: list[str], max_examples: int, seeds: list[int]
+    checkpoint,
+    *,
+    tasks: list[str],
+    max_examples: int,
+    seeds: list[int],
+    results_dir: str | None = None,
 ) -> dict[str, float]:
-    """The `ValidationConfig.fn`: a `ray.train.Checkpoint` (holding `model/`) -> scores dict."""
+    """The `ValidationConfig.fn`: a `ray.train.Checkpoint` (holding `model/`) -> scores dict. With `results_dir`,
+    the scores (or the error, which is then raised again for Ray to record) also go to a result file there."""
+    name = Path(str(checkpoint.path)).name
     with checkpoint.as_directory() as d:
-        return score_model_dir(d, tasks=tasks, max_examples=max_examples, seeds=seeds)
+        step = checkpoint_step(d)
+        try:
+            scores = score_model_dir(d, tasks=tasks, max_examples=max_examples, seeds=seeds)
+        except Exception as e:
+            if results_dir is not None and step is not None:
+                write_result(
+                    results_dir, {"step": step, "checkpoint": name, "error": f"{type(e).__name__}: {e}"}
+                )
+            raise
+    if results_dir is not None and step is not None:
+        write_result(results_dir, {"step": step, "checkpoint": name, "metrics": scores})
+    return scores
 
 
-def build_validation_config(cfg: InTrainingEvalConfig):
-    """A `ray.train.ValidationConfig` running `validate_checkpoint` with `cfg`'s tasks; None when off."""
-    if cfg.every_steps == 0:
-        return None
-    from ray.train import ValidationConfig, ValidationTaskConfig
+def build_validation_config(cfg: ValidationSection, results_dir: str | None = None):
+    """A `ray.train.ValidationConfig` running `validate_checkpoint` with `cfg`'s tasks (result files into
+    `results_dir` when given); None when off."""
+    return _build_validation_config(cfg, validate_checkpoint, results_dir)
 
-    return ValidationConfig(
-        fn=validate_checkpoint,
-        task_config=ValidationTaskConfig(fn_kwargs=cfg.fn_kwargs(), timeout_s=cfg.timeout_s or None),
-        ray_remote_kwargs={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus, "max_retries": 0},
-    )
+
+# What a training job is given to validate its checkpoints with this harness (`pipelines.train.pretrain.fit`).
+VALIDATOR = Validator(fn=validate_checkpoint, check=check_tasks)
 
 
 def smoke_train_loop(config: dict[str, Any]) -> None:

@@ -66,6 +66,9 @@ from pipelines.train.runner import (
     run_config,
     run_worker,
 )
+from pipelines.train.validation import ValidationSection, Validator, validation_config
+from pipelines.train.validation import check_config as check_validation_config
+from pipelines.train.validation import check_resources as check_validation_resources
 
 log = logging.getLogger("neobert.pretrain")
 
@@ -161,9 +164,12 @@ class PretrainConfig(TrainJobConfig):
     data: DataSection = field(default_factory=DataSection)
     train: PretrainTrainSection = field(default_factory=PretrainTrainSection)
     logging: PretrainLoggingSection = field(default_factory=PretrainLoggingSection)
+    # in-training evaluation of checkpoints (pipelines.eval tasks, in a Ray task; docs/evaluation.md)
+    validation: ValidationSection = field(default_factory=ValidationSection)
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_validation_config(self.validation, self.checkpoint.every_steps)
         t, d = self.train, self.data
         if t.tokens_per_micro_batch < d.pack_tokens:
             raise ValueError(
@@ -569,8 +575,11 @@ def build_datasets(cfg: PretrainConfig) -> dict[str, Any]:
     return ds
 
 
-def build_trainer(cfg: PretrainConfig, datasets: dict[str, Any] | None = None):
-    """The `TorchTrainer` for `cfg` (datasets built from `cfg.data` unless given; `cfg` resolved)."""
+def build_trainer(
+    cfg: PretrainConfig, datasets: dict[str, Any] | None = None, validator: Validator | None = None
+):
+    """The `TorchTrainer` for `cfg` (datasets built from `cfg.data` unless given; `cfg` resolved; `validator`
+    scores the checkpoints when `validation.every_steps` > 0)."""
     from ray.train.torch import TorchTrainer
 
     datasets = datasets if datasets is not None else build_datasets(cfg)
@@ -584,6 +593,7 @@ def build_trainer(cfg: PretrainConfig, datasets: dict[str, Any] | None = None):
         # does not depend on the world size); eval is not split either (each rank takes its micro-batches).
         dataset_config=source_data_config(),
         run_config=run_config(cfg),
+        validation_config=validation_config(cfg, validator),  # None when validation.every_steps = 0
     )
 
 
@@ -643,10 +653,20 @@ def prepare_pretrain_run(cfg: PretrainConfig, *, check_inputs: bool = True) -> P
     return cfg
 
 
-def fit(cfg: PretrainConfig, datasets: dict[str, Any] | None = None, *, prepared: bool = False):
+def fit(
+    cfg: PretrainConfig,
+    datasets: dict[str, Any] | None = None,
+    validator: Validator | None = None,
+    *,
+    prepared: bool = False,
+):
     """Run (or resume) the pretraining job `cfg`; returns Ray Train's `Result`. The driver resolves and checks
     everything first (`prepare_pretrain_run`; `prepared=True`: the caller did, and `cfg` is its result): config
-    and data errors never reach a worker."""
+    and data errors never reach a worker. `validator` (e.g. `pipelines.eval.in_training.VALIDATOR`) scores
+    checkpoints in the background when `validation.every_steps` > 0 (`pipelines.train.validation`)."""
+    if cfg.validation.every_steps and validator is not None:
+        validator.check(cfg.validation)
     if not prepared:
         cfg = prepare_pretrain_run(cfg, check_inputs=datasets is None)
-    return fit_trainer(build_trainer(cfg, datasets), cfg)
+    check_validation_resources(cfg.validation, use_gpu=cfg.scaling.use_gpu)
+    return fit_trainer(build_trainer(cfg, datasets, validator), cfg)

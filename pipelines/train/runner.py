@@ -24,6 +24,9 @@ What the base owns (the same for every job):
 - reporting: every logged window and eval goes to `ray.train.report` (a barrier, all ranks); checkpoints go
   through it too (every rank attaches its dir; `checkpoint.async_upload` uploads in the background); rank 0
   writes the metric sinks (`pipelines.train.sinks`) and one progress line per window;
+- in-training validation (a job config with a `validation:` section, `pipelines.train.validation`): a checkpoint
+  report at a due step carries `validation=True` (Ray Train scores it in a Ray task while training goes on); rank
+  0 routes the scores into the sinks at their step once per logging window and waits for the last ones at the end;
 - failure injection (`failure.inject_failure_at_step`): the last rank raises at that step on an attempt that
   did not resume;
 - metrics window: a subclass's `train_step` adds sums (`self.window.add(...)`), `log_metrics` all-reduces them
@@ -62,6 +65,7 @@ from pipelines.train import run_dir as rd
 from pipelines.train.config import ConfigError, TrainJobConfig
 from pipelines.train.data import StepSource
 from pipelines.train.sinks import METRICS_FILE, MetricSinks, RunFiles, check_tracking_packages
+from pipelines.train.validation import ValidationTracker, wait_for_ray_validations
 
 log = logging.getLogger("neobert.train")
 
@@ -173,6 +177,14 @@ class TrainRunner:
         if cfg.logging.trace_data:
             self.files.fetch(self.trace_name)
         self.sinks = MetricSinks(cfg, self.files, f"neobert-{self.job}") if self.rank == 0 else None
+        # In-training validation (a job config with a `validation:` section): every rank asks for it in its
+        # checkpoint report; rank 0 routes the scores into the sinks (`pipelines.train.validation`).
+        self.val_cfg = getattr(cfg, "validation", None)
+        self.validation = (
+            ValidationTracker(self.val_cfg, cfg.run_dir, self.sinks.path)
+            if self.sinks and self.val_cfg is not None and self.val_cfg.every_steps
+            else None
+        )
         self.window = MetricWindow()
 
     # -- the table of contents -------------------------------------------------------------------------------
@@ -196,6 +208,8 @@ class TrainRunner:
                 if self.due(self.cfg.logging.every_steps):
                     metrics |= self.log_metrics()
                     preempted = self.preemption_due()
+                    if self.validation:  # scores of finished validations, at the steps they belong to
+                        self.validation.poll(self.sinks)
                 if self.due(self.cfg.logging.eval_every_steps):
                     metrics |= self.timed(self.run_eval)
                 if self.due(self.cfg.checkpoint.every_steps) or preempted:
@@ -255,6 +269,8 @@ class TrainRunner:
         if ckpt is None:
             if self.sinks:
                 self.sinks.truncate_after(0)
+            if self.validation:
+                self.validation.start(0, [])
             return
         with ckpt.as_directory() as d:
             d = Path(d)
@@ -283,6 +299,8 @@ class TrainRunner:
         self.start_step = self.step
         if self.sinks:
             self.sinks.truncate_after(self.step)
+        if self.validation:
+            self.validation.start(self.step, meta.get("validation", []))
         if self.rank == 0:
             log.info(
                 "%s: resumed from %s at step %d (written by %d %s workers; now %d %s), data %s", self.job,
@@ -363,6 +381,10 @@ class TrainRunner:
 
         report = {"step": self.step, **metrics}
         window = self.window_sums()
+        last = self.step == self.cfg.train.num_steps
+        validate = bool(self.val_cfg is not None and self.val_cfg.due(self.step, last=last))
+        if validate and self.validation:
+            self.validation.request(self.step)
         tmp = Path(tempfile.mkdtemp(prefix=f"neobert-{self.job}-ckpt-"))
         async_upload = self.cfg.checkpoint.async_upload
         try:
@@ -381,7 +403,9 @@ class TrainRunner:
             upload = dict(
                 checkpoint_upload_mode=CheckpointUploadMode.ASYNC, delete_local_checkpoint_after_upload=True
             ) if async_upload else {}  # fmt: skip
-            ray.train.report(report, checkpoint=Checkpoint.from_directory(str(tmp)), **upload)
+            ray.train.report(
+                report, checkpoint=Checkpoint.from_directory(str(tmp)), validation=validate, **upload
+            )
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -400,6 +424,7 @@ class TrainRunner:
             "world_size": self.world,
             "strategy": self.cfg.scaling.strategy,
             "job": self.job_state(),
+            "validation": self.validation.state() if self.validation else [],  # steps that asked for it
             "config": to_dict(self.cfg),
         }
         (path / rd.TRAIN_STATE_JSON).write_text(json.dumps(meta, indent=1) + "\n")
@@ -439,6 +464,8 @@ class TrainRunner:
             os.kill(os.getpid(), signal.SIGKILL)
 
     def final_report(self) -> None:
+        if self.validation:  # waits for Ray to finish the outstanding validations (training is over)
+            self.validation.finish(self.sinks, self.step, wait_for_ray_validations)
         if self.sinks:
             self.sinks.close()
         self.files.sync()

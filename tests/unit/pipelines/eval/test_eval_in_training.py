@@ -33,3 +33,34 @@ def test_config_checks_and_due():
     assert not InTrainingEvalConfig().due(10)
     with pytest.raises(ValueError, match="unknown \\['glue'\\]"):
         InTrainingEvalConfig(tasks=["glue"])
+
+
+def test_validate_checkpoint_writes_a_result_file_and_records_errors(tiny_model_dir, tmp_path):
+    import json
+    import shutil
+
+    from ray.train import Checkpoint
+
+    out = tmp_path / "validation"
+    scores = validate_checkpoint(
+        Checkpoint.from_directory(str(tiny_model_dir)), tasks=["stsb"], max_examples=16, seeds=[0],
+        results_dir=str(out),
+    )  # fmt: skip
+    rec = json.loads((out / "step_000000020.json").read_text())
+    assert rec == {"step": 20, "checkpoint": tiny_model_dir.name, "metrics": scores}
+    assert sorted(p.name for p in out.iterdir()) == ["step_000000020.json"]  # nothing left aside
+
+    broken = tmp_path / "checkpoint_broken"
+    shutil.copytree(tiny_model_dir, broken)
+    for f in (broken / "model").glob("*.safetensors"):
+        f.unlink()
+    with pytest.raises(Exception):  # noqa: B017  (whatever the loader raises is re-raised for Ray to record)
+        validate_checkpoint(
+            Checkpoint.from_directory(str(broken)),
+            tasks=["stsb"],
+            max_examples=16,
+            seeds=[0],
+            results_dir=str(out),
+        )
+    rec = json.loads((out / "step_000000020.json").read_text())
+    assert rec["checkpoint"] == "checkpoint_broken" and rec["error"] and "metrics" not in rec
