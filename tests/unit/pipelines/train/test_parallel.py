@@ -173,7 +173,9 @@ def test_fsdp2_bf16_keeps_the_blocks_fp32_inputs():
         model.encoder.layers[0].register_forward_pre_hook(capture)
         with pytest.raises(_Seen):
             ids = torch.tensor([5, 6, 7, 8])
-            model(ids, PackedMeta.from_lengths([4]), ids)  # through the root, whose hooks gather the embeddings
+            model(
+                ids, PackedMeta.from_lengths([4]), ids
+            )  # through the root, whose hooks gather the embeddings
         assert seen == {"cos": torch.float32, "sin": torch.float32}, seen
     finally:
         dist.destroy_process_group()
