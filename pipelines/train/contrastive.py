@@ -186,15 +186,6 @@ class ContrastiveConfig(TrainJobConfig):
         default_factory=lambda: LoggingSection(every_steps=10, eval_every_steps=0)
     )
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        sc = self.scaling
-        if sc.strategy != "ddp":
-            raise ValueError(
-                f"scaling.strategy={sc.strategy!r}: contrastive training runs its retrieval eval on rank 0 alone, "
-                "which a sharded (fsdp2) model cannot do; use --scaling.strategy=ddp"
-            )
-
 
 def load_contrastive_config(
     path: str | Path | None = None, overrides: list[str] | None = None
@@ -266,7 +257,10 @@ class ContrastiveRunner(TrainRunner):
             max_seq_len=cfg.data.max_seq_len, num_negatives=cfg.data.num_negatives,
             tokenizer_path=cfg.data.tokenizer, seed=cfg.train.seed,
         )  # fmt: skip
-        self.eval_set = build_eval_set(_read_eval_table(), cfg.data.num_eval_rows) if self.rank == 0 else None
+        # Under FSDP2 every forward is a collective, so every rank runs the retrieval eval in step (rank 0 reports
+        # it); under DDP rank 0 alone evaluates its full model copy.
+        self.eval_here = self.rank == 0 or cfg.scaling.strategy == "fsdp2"
+        self.eval_set = build_eval_set(_read_eval_table(), cfg.data.num_eval_rows) if self.eval_here else None
         self.eval_before: dict[str, float] | None = None
         self.eval_before_fingerprint: str | None = None
         if self.rank == 0:
@@ -290,17 +284,19 @@ class ContrastiveRunner(TrainRunner):
 
     # -- eval "before" -------------------------------------------------------------------------------------------
     def on_start(self) -> None:
-        fingerprint = eval_fingerprint(self.eval_set) if self.rank == 0 else None
+        fingerprint = eval_fingerprint(self.eval_set) if self.eval_here else None
         stale = (
-            self.rank == 0 and self.eval_before is not None and self.eval_before_fingerprint != fingerprint
+            self.eval_here and self.eval_before is not None and self.eval_before_fingerprint != fingerprint
         )
-        if stale:
+        if stale and self.rank == 0:
             log.warning(
                 "the held-out set changed since the checkpoint: re-running eval 'before' on the init model"
             )
-        if self.rank == 0 and (self.eval_before is None or stale):
+        # A stale "before" scores a fresh, unsharded init model: rank 0 alone; the trained model on every eval rank.
+        if self.eval_here and (self.eval_before is None or stale) and (self.rank == 0 or not stale):
             self.eval_before = self.retrieval(init_model=stale)
-            self.emit({f"eval/before/{k}": v for k, v in self.eval_before.items()})
+            if self.rank == 0:
+                self.emit({f"eval/before/{k}": v for k, v in self.eval_before.items()})
         self.eval_before_fingerprint = fingerprint
 
     def job_state(self) -> dict[str, Any]:
@@ -385,11 +381,13 @@ class ContrastiveRunner(TrainRunner):
         )  # fmt: skip
 
     def evaluate(self) -> dict[str, float]:
-        """Held-out retrieval on rank 0 ({} elsewhere); at the last step it is eval "after", reported with
-        "before" so the final checkpoint's metrics hold both."""
-        if self.rank != 0:
+        """Held-out retrieval reported by rank 0 ({} elsewhere; under FSDP2 every rank computes it with rank 0);
+        at the last step it is eval "after", reported with "before" so the final checkpoint's metrics hold both."""
+        if not self.eval_here:
             return {}
         scores = self.retrieval()
+        if self.rank != 0:
+            return {}
         metrics = {f"eval/{k}": v for k, v in scores.items()}
         if self.step == self.cfg.train.num_steps:
             metrics |= {f"eval/before/{k}": v for k, v in (self.eval_before or {}).items()}

@@ -2,7 +2,8 @@
 
 Two synthetic sources are validated in-process; the driver may hold only `data.max_driver_bytes` = 16 KiB of rows,
 less than the validated set (`load_rows` under that cap is refused), and training still runs: the rows stream from
-the validated files to the workers. The run stops at step 4 on 2 workers and continues to step 8 on 1. The pairs
+the validated files to the workers. The run stops at step 4 on 2 FSDP2 workers and continues to step 8 on 1 DDP
+worker. The pairs
 each global step trained on (from the per-rank data traces) must be exactly those of the global pair order, which
 depends on the per-source counts only: every pair of an uninterrupted run once, none twice, the same pairs in every
 step, rank 0's part first.
@@ -72,7 +73,7 @@ def test_contrastive_streams_past_the_driver_cap_and_resumes_on_fewer_workers(ra
 
     out = tmp_path / "runs" / "cs"
 
-    def cfg(workers: int, steps: int):
+    def cfg(workers: int, steps: int, strategy: str = "ddp"):
         return ct.load_contrastive_config(None, [
             f"--data.input_dir={val_dir}", "--data.eval_fraction=0.1", "--data.num_eval_rows=16",
             "--data.max_seq_len=32", f"--data.max_driver_bytes={CAP}", "--data.shuffle_window_rows=64",
@@ -80,11 +81,12 @@ def test_contrastive_streams_past_the_driver_cap_and_resumes_on_fewer_workers(ra
             f"--train.num_steps={steps}", "--train.warmup_steps=1", "--logging.every_steps=2",
             "--logging.trace_data=true", "--checkpoint.every_steps=4", f"--checkpoint.storage_path={out.parent}",
             "--checkpoint.name=cs", f"--scaling.num_workers={workers}", "--scaling.resources_per_worker={CPU: 0.5}",
+            f"--scaling.strategy={strategy}",
         ])  # fmt: skip
 
-    first = ct.fit(cfg(2, 4))  # stops at step 4 on 2 workers
+    first = ct.fit(cfg(2, 4, "fsdp2"))  # stops at step 4 on 2 workers, sharded (the eval runs on both ranks)
     assert first["step"] == 4
-    second = ct.fit(cfg(1, 8))  # continues on 1 worker
+    second = ct.fit(cfg(1, 8))  # continues on 1 worker under DDP (the sharded checkpoint reshards)
     assert second["step"] == 8
 
     c = cfg(1, 8)
@@ -109,5 +111,6 @@ def test_contrastive_streams_past_the_driver_cap_and_resumes_on_fewer_workers(ra
     consumed = [k for s in range(1, 9) for k in by_step[s]]
     assert len(consumed) == len(set(consumed)) == 8 * 12  # none twice
     state = json.loads(sorted(out.glob("checkpoint_*/train_state.json"))[-1].read_text())
-    assert state["world_size"] == 1 and state["data"]["global_step"] == 8
+    assert state["world_size"] == 1 and state["data"]["global_step"] == 8 and state["strategy"] == "ddp"
+    assert "recall@10" in first["after"] and "recall@10" in second["after"]
     assert sum(s["rows"] for s in state["data"]["sources"].values()) == 96

@@ -30,9 +30,8 @@ def test_strategy_is_validated_with_the_choices():
         load_pretrain_config(None, ["--scaling.strategy", "zero3"])
 
 
-def test_contrastive_refuses_fsdp2_but_runs_elastic():
-    with pytest.raises(ValueError, match="retrieval eval on rank 0 alone"):
-        load_contrastive_config(None, ["--scaling.strategy", "fsdp2"])
+def test_contrastive_runs_fsdp2_and_elastic():
+    assert load_contrastive_config(None, ["--scaling.strategy", "fsdp2"]).scaling.strategy == "fsdp2"
     assert load_contrastive_config(None, ["--scaling.num_workers", "[1, 2]"]).scaling.elastic
 
 
