@@ -91,11 +91,9 @@ class SplitRows:
 
 
 def split_rows(table: pa.Table, eval_fraction: float) -> tuple[pa.Table, pa.Table]:
-    """(train, eval) by a stable hash of the query text: a query never lands in both, and reruns agree.
-
-    Both splits come back sorted by (query hash, positive hash): Ray Data may read the validated files in any
-    order, and the sampler addresses rows by position, so a fixed order is what makes batches (and resumes)
-    reproducible. The eval cap (`num_eval_rows`) then takes a stable subset as well."""
+    """(train, eval) of a table the caller holds (the evaluation harness's held-out triples), split as `SplitRows`
+    splits the training stream: a query never lands in both, and reruns agree. Both come back in `sort_rows`
+    order, so the eval cap (`num_eval_rows`) takes a stable subset whatever order the rows arrived in."""
     check_columns(table)
     table = sort_rows(table)
     is_eval = eval_mask(table, eval_fraction)
