@@ -51,10 +51,9 @@ def run(cfg: ct.ContrastiveConfig, ctx: cli.Context) -> int:
     ctx.init_ray(local_num_cpus=max(4, os.cpu_count() or 1))
     if not cfg.data.input_dir:  # the embedded sources, validated on first use
         cfg.data.input_dir = str(ct.ensure_validated("").resolve())
-    rows = ct.load_rows(cfg.data.input_dir)
     if not cfg.model.init:  # the embedded tiny checkpoint, pretrained on first use
         cfg.model.init = str(ct.default_init(cfg))
-    evals = ct.fit(cfg, rows)
+    evals = ct.fit(cfg)  # the rows stream from data.input_dir to the workers
     print(json.dumps({"before": evals["before"], "after": evals["after"]}, indent=2))
     print(f"contrastive: run dir {cfg.run_dir}")
     return 0

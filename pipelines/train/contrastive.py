@@ -1,10 +1,17 @@
 """Contrastive fine-tuning of a pretrained NeoBERT into a sentence embedder: the job's config sections, its step
 (InfoNCE over the global batch), its eval (held-out retrieval before and after) and its driver (`fit`). The loop,
 checkpoints, resume, metrics and failure handling are `pipelines.train.runner.TrainRunner`'s; the data side
-(split, sampler, collate) is `pipelines.train.contrastive_data`.
+(split, global pair order, collate) is `pipelines.train.contrastive_data`.
 
-    run(): load/resume -> eval "before" -> loop { sampled batch -> encode -> InfoNCE -> step -> log -> checkpoint }
-           -> eval "after" (at the last step) -> final checkpoint;  driver: eval.json + model/ in the run dir
+    driver: validated dir -(Ray Data, lazy)-> split by query hash -> one train dataset per source + "eval";
+            train pairs counted per source (the source weights) -> TorchTrainer (nothing split)
+    run(): load/resume -> eval "before" -> loop { this rank's pairs of the global step -> encode -> InfoNCE ->
+           step -> log -> checkpoint } -> eval "after" (at the last step) -> final checkpoint;
+    driver: eval.json + model/ in the run dir
+
+The driver never holds the rows: they stream from the validated files to the workers (`data.max_driver_bytes`
+bounds what the driver may read into memory, e.g. `load_rows`). The pair order depends on (seed, sources,
+weights, shuffle window) only, so a run resumes on any number of workers (and elastic runs keep the global batch).
 
 The run dir (`checkpoint.storage_path/checkpoint.name`) holds config.yaml, metrics.jsonl, the checkpoints, and
 after a finished run eval.json ({"before", "after", "step"}) and `model/` (the final encoder model dir).
@@ -12,6 +19,7 @@ after a finished run eval.json ({"before", "after", "step"}) and `model/` (the f
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -20,11 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import pyarrow as pa
 import torch
 
-from neobert.config_io import to_dict
+from neobert.config_io import from_dict, to_dict
 from neobert.contrastive import (
     POOLING_MODES,
     ContrastiveEncoder,
@@ -32,6 +39,7 @@ from neobert.contrastive import (
     info_nce_loss,
     retrieval_metrics,
 )
+from pipelines.train import run_dir as rd
 from pipelines.train.config import (
     CheckpointSection,
     ConfigError,
@@ -44,23 +52,37 @@ from pipelines.train.config import (
 )
 from pipelines.train.contrastive_data import (
     ROW_COLUMNS,
+    STATE_KIND,
     ContrastiveBatch,
     ContrastiveCollate,
-    SampledStepSource,
-    SourceSampler,
+    ContrastiveStepSource,
+    SplitRows,
     build_eval_set,
     eval_fingerprint,
     pack_token_lists,
-    split_rows,
+    pair_mixture,
+    pair_source_from_shards,
+    rank_batch_size,
+    sort_rows,
+    source_dataset_name,
 )
 from pipelines.train.contrastive_init import RANDOM_INIT_PREFIX, load_init_encoder
-from pipelines.train.runner import TrainRunner, fit_trainer, prepare_run, run_config, run_worker
+from pipelines.train.data import MixtureSection, check_state, source_data_config
+from pipelines.train.runner import (
+    TrainRunner,
+    check_world_sizes,
+    fit_trainer,
+    prepare_run,
+    run_config,
+    run_worker,
+)
 
 log = logging.getLogger("neobert.contrastive")
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "contrastive.yaml"
 EVAL_FILE = "eval.json"
+EVAL_DATASET = "eval"
 
 
 # ---------------------------------------------------------------------------------------------------- config
@@ -73,8 +95,12 @@ class ContrastiveDataSection:
     num_eval_rows: int = 512  # cap on held-out queries evaluated (0 = all)
     max_seq_len: int = 128  # tokens per text incl. [CLS] and [SEP]
     num_negatives: int = 1  # hard negatives per query taken from the row (0 = in-batch negatives only)
-    source_alpha: float = 0.5  # P(source) ∝ rows**alpha
+    source_alpha: float = 0.5  # share of pairs per source ∝ its train rows**alpha
     one_source_per_batch: bool = False  # every global batch from a single source
+    shuffle_window_rows: int = 4096  # pairs shuffled together per source (0 = file order); docs/data_order.md
+    max_driver_bytes: int = (
+        256 << 20
+    )  # rows the driver may read into memory (load_rows); training streams (0 = no cap)
     tokenizer: str = ""  # tokenizer.json or dir; "" = the default bert-base-uncased vocabulary
 
     def __post_init__(self) -> None:
@@ -91,6 +117,9 @@ class ContrastiveDataSection:
             raise ValueError(f"data.max_seq_len must be >= 3 ([CLS] text [SEP]), got {self.max_seq_len}")
         if self.num_negatives < 0:
             raise ValueError(f"data.num_negatives must be >= 0, got {self.num_negatives}")
+        for name in ("shuffle_window_rows", "max_driver_bytes"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"data.{name} must be >= 0, got {getattr(self, name)}")
         if self.source_alpha < 0:
             raise ValueError(
                 f"data.source_alpha must be >= 0 (0 = uniform over sources), got {self.source_alpha}"
@@ -117,7 +146,11 @@ class ContrastiveTrainSection(TrainSection):
     schedule: Schedule = "linear"
     min_lr_ratio: float = 0.0
     precision: Precision = "auto"
-    batch_size: int = 32  # queries per worker per step (global batch = batch_size * num_workers)
+    batch_size: int = 32  # queries per worker per step when global_batch_size is 0
+    global_batch_size: int = (
+        0  # pairs per step over all workers; 0 = batch_size x num_workers (max of a range),
+    )
+    # or on a resume the checkpoint's value; fixed for the whole run, whatever the number of workers
     temperature: float = 0.05
     mask_duplicate_positives: bool = True  # a batch text equal to the query's positive is not a negative
     eval_batch_size: int = 256  # sequences per encoder call during evaluation
@@ -127,6 +160,10 @@ class ContrastiveTrainSection(TrainSection):
         for name in ("batch_size", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.global_batch_size < 0:
+            raise ValueError(
+                f"train.global_batch_size must be >= 0 (0 = derived), got {self.global_batch_size}"
+            )
         if self.temperature <= 0:
             raise ValueError(f"train.temperature must be > 0 (default 0.05), got {self.temperature}")
         if self.compile:
@@ -148,20 +185,6 @@ class ContrastiveConfig(TrainJobConfig):
     logging: LoggingSection = field(
         default_factory=lambda: LoggingSection(every_steps=10, eval_every_steps=0)
     )
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        sc = self.scaling
-        if sc.strategy != "ddp":
-            raise ValueError(
-                f"scaling.strategy={sc.strategy!r}: contrastive training runs its retrieval eval on rank 0 alone, "
-                "which a sharded (fsdp2) model cannot do; use --scaling.strategy=ddp"
-            )
-        if sc.elastic:
-            raise ValueError(
-                f"scaling.num_workers={sc.num_workers}: contrastive training's sampler position belongs to one "
-                "world size, so it cannot run elastic; give one number of workers"
-            )
 
 
 def load_contrastive_config(
@@ -204,14 +227,15 @@ def evaluate_retrieval(
 
 
 # ----------------------------------------------------------------------------------------------- worker loop
-def _read_dataset_table(name: str) -> pa.Table:
+def _read_eval_table() -> pa.Table:
+    """Rank 0: the held-out rows (a small share, capped by `data.num_eval_rows`), in `sort_rows` order."""
     import ray.train
 
-    shard = ray.train.get_dataset_shard(name)
-    tables = list(shard.iter_batches(batch_size=4096, batch_format="pyarrow"))
-    if not tables:
-        raise ConfigError(f"dataset {name!r} reached the worker empty")
-    return pa.concat_tables(tables).combine_chunks()
+    shard = ray.train.get_dataset_shard(EVAL_DATASET)
+    tables = list(shard.iter_batches(batch_size=None, batch_format="pyarrow"))
+    if not tables or not sum(t.num_rows for t in tables):
+        raise ConfigError("the held-out split reached the worker empty: raise data.eval_fraction or add rows")
+    return sort_rows(pa.concat_tables(tables))
 
 
 class ContrastiveRunner(TrainRunner):
@@ -226,55 +250,53 @@ class ContrastiveRunner(TrainRunner):
         self.attn_backend = getattr(encoder, "attn_backend", "?")
         return ContrastiveEncoder(encoder, cfg.model.pooling)
 
-    def __init__(self, cfg: ContrastiveConfig) -> None:
+    def __init__(self, cfg: ContrastiveConfig, pairs: MixtureSection) -> None:
         super().__init__(cfg)
+        self.pairs = pairs  # the pair order (sources and their weights), built on the driver
         self.collate = ContrastiveCollate(
             max_seq_len=cfg.data.max_seq_len, num_negatives=cfg.data.num_negatives,
             tokenizer_path=cfg.data.tokenizer, seed=cfg.train.seed,
         )  # fmt: skip
-        self.train_table = _read_dataset_table("train")
-        self.sampler = SourceSampler(
-            self.train_table.column("source").to_pylist(),
-            batch_size=cfg.train.batch_size,
-            world_size=self.world,
-            alpha=cfg.data.source_alpha,
-            one_source_per_batch=cfg.data.one_source_per_batch,
-            seed=cfg.train.seed,
-        )
-        self.eval_set = (
-            build_eval_set(_read_dataset_table("eval"), cfg.data.num_eval_rows) if self.rank == 0 else None
-        )
+        # Under FSDP2 every forward is a collective, so every rank runs the retrieval eval in step (rank 0 reports
+        # it); under DDP rank 0 alone evaluates its full model copy.
+        self.eval_here = self.rank == 0 or cfg.scaling.strategy == "fsdp2"
+        self.eval_set = build_eval_set(_read_eval_table(), cfg.data.num_eval_rows) if self.eval_here else None
         self.eval_before: dict[str, float] | None = None
         self.eval_before_fingerprint: str | None = None
         if self.rank == 0:
             log.info(
-                "contrastive: %d workers on %s, attention backend %s, precision %s, %d train rows from sources %s "
-                "(p=%s)", self.world, self.device, self.attn_backend, "bf16" if self.use_bf16 else "fp32",
-                self.train_table.num_rows, self.sampler.source_names, np.round(self.sampler.probs, 3).tolist(),
+                "contrastive: %d workers on %s, attention backend %s, precision %s, %d pairs per step (%d per "
+                "worker), source shares %s", self.world, self.device, self.attn_backend,
+                "bf16" if self.use_bf16 else "fp32", cfg.train.global_batch_size,
+                rank_batch_size(cfg.train.global_batch_size, self.world),
+                {s.name: round(s.weight, 3) for s in pairs.sources},
             )  # fmt: skip
 
     # -- data ----------------------------------------------------------------------------------------------------
-    def open_data(self, state: dict[str, Any] | None) -> SampledStepSource:
-        if state is not None and state.get("step") != self.step:
+    def open_data(self, state: dict[str, Any] | None) -> ContrastiveStepSource:
+        """This rank's pairs of the global order, at the saved global position (any world size)."""
+        if state is not None and state.get("global_step") != self.step:
             raise ConfigError(f"the checkpoint's data position {state} does not match its step {self.step}")
-        return SampledStepSource(
-            self.train_table, self.sampler, self.collate, rank=self.rank, start_step=self.step,
-            num_steps=self.cfg.train.num_steps, pin_memory=self.device.type == "cuda",
+        return pair_source_from_shards(
+            self.pairs, self.collate, one_source_per_batch=self.cfg.data.one_source_per_batch, state=state,
+            max_steps=self.cfg.train.num_steps - self.step, pin_memory=self.device.type == "cuda",
         )  # fmt: skip
 
     # -- eval "before" -------------------------------------------------------------------------------------------
     def on_start(self) -> None:
-        fingerprint = eval_fingerprint(self.eval_set) if self.rank == 0 else None
+        fingerprint = eval_fingerprint(self.eval_set) if self.eval_here else None
         stale = (
-            self.rank == 0 and self.eval_before is not None and self.eval_before_fingerprint != fingerprint
+            self.eval_here and self.eval_before is not None and self.eval_before_fingerprint != fingerprint
         )
-        if stale:
+        if stale and self.rank == 0:
             log.warning(
                 "the held-out set changed since the checkpoint: re-running eval 'before' on the init model"
             )
-        if self.rank == 0 and (self.eval_before is None or stale):
+        # A stale "before" scores a fresh, unsharded init model: rank 0 alone; the trained model on every eval rank.
+        if self.eval_here and (self.eval_before is None or stale) and (self.rank == 0 or not stale):
             self.eval_before = self.retrieval(init_model=stale)
-            self.emit({f"eval/before/{k}": v for k, v in self.eval_before.items()})
+            if self.rank == 0:
+                self.emit({f"eval/before/{k}": v for k, v in self.eval_before.items()})
         self.eval_before_fingerprint = fingerprint
 
     def job_state(self) -> dict[str, Any]:
@@ -321,10 +343,11 @@ class ContrastiveRunner(TrainRunner):
         )
 
     def trace_records(self, batches: list[ContrastiveBatch]) -> list[dict[str, Any]]:
-        """Per step a fingerprint of the packed token stream this rank trained on."""
+        """Per step a fingerprint of the packed token stream this rank trained on and the keys of its pairs."""
         import hashlib
 
-        return [{"micro": i, "sha": hashlib.sha256(b.input_ids.numpy().tobytes()).hexdigest()[:16]}
+        return [{"micro": i, "sha": hashlib.sha256(b.input_ids.numpy().tobytes()).hexdigest()[:16],
+                 "keys": [] if b.row_keys is None else b.row_keys.tolist()}
                 for i, b in enumerate(batches)]  # fmt: skip
 
     def window_metrics(self, sums: dict[str, float], elapsed: float) -> dict[str, float]:
@@ -358,11 +381,13 @@ class ContrastiveRunner(TrainRunner):
         )  # fmt: skip
 
     def evaluate(self) -> dict[str, float]:
-        """Held-out retrieval on rank 0 ({} elsewhere); at the last step it is eval "after", reported with
-        "before" so the final checkpoint's metrics hold both."""
-        if self.rank != 0:
+        """Held-out retrieval reported by rank 0 ({} elsewhere; under FSDP2 every rank computes it with rank 0);
+        at the last step it is eval "after", reported with "before" so the final checkpoint's metrics hold both."""
+        if not self.eval_here:
             return {}
         scores = self.retrieval()
+        if self.rank != 0:
+            return {}
         metrics = {f"eval/{k}": v for k, v in scores.items()}
         if self.step == self.cfg.train.num_steps:
             metrics |= {f"eval/before/{k}": v for k, v in (self.eval_before or {}).items()}
@@ -380,40 +405,114 @@ class ContrastiveRunner(TrainRunner):
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    run_worker(ContrastiveRunner, ContrastiveConfig, config)
+    pairs = from_dict(MixtureSection, config["pairs"])
+    run_worker(lambda cfg: ContrastiveRunner(cfg, pairs), ContrastiveConfig, config["config"])
 
 
 # ----------------------------------------------------------------------------------------------------- driver
-def load_rows(input_dir: str | Path) -> pa.Table:
-    """The validated rows of `input_dir`; ValueError (with the fix) when it was not validated."""
+def read_bounded(ds, max_bytes: int, what: str) -> pa.Table:
+    """The rows of Ray Dataset `ds` as one table on the driver, refused (ValueError) once they pass `max_bytes`
+    (0 = no cap): the one way the contrastive driver reads rows into its memory."""
+    tables, size = [], 0
+    for t in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        size += t.nbytes
+        if max_bytes and size > max_bytes:
+            raise ValueError(
+                f"{what} passes data.max_driver_bytes={max_bytes} bytes on the driver; training streams its rows "
+                "and needs no such read: drop it, or raise data.max_driver_bytes (0 = no cap)"
+            )
+        tables.append(t)
+    return pa.concat_tables(tables) if tables else pa.table({})
+
+
+def load_rows(input_dir: str | Path, *, max_bytes: int = 0) -> pa.Table:
+    """The validated rows of `input_dir` as one table on the driver (tools and tests; training streams them),
+    at most `max_bytes` (0 = no cap); ValueError (with the fix) when it was not validated or is larger."""
     from pipelines.contrastive.validate import read_validated
 
     table = read_validated(input_dir)
     if not isinstance(table, pa.Table):  # a Ray Dataset
-        table = pa.concat_tables(list(table.iter_batches(batch_format="pyarrow", batch_size=None)))
+        table = read_bounded(table, max_bytes, f"the validated rows of {input_dir}")
     return table.select(list(ROW_COLUMNS))
 
 
-def build_trainer(cfg: ContrastiveConfig, rows: pa.Table):
-    """A `TorchTrainer` over the train/held-out split of `rows` (validated rows). The driver keeps nothing else."""
+def validated_rows(cfg: ContrastiveConfig, rows=None):
+    """The validated rows as a lazy Ray Dataset: `rows` (a Ray Dataset, or a table the caller already holds), else
+    `data.input_dir` read through Ray Data."""
     import ray.data
-    from ray.data import ExecutionOptions
-    from ray.train import DataConfig
+
+    if rows is None:
+        from pipelines.contrastive.validate import read_validated
+
+        return read_validated(ensure_validated(cfg.data.input_dir))
+    return ray.data.from_arrow(rows) if isinstance(rows, pa.Table) else rows
+
+
+def count_pairs(cfg: ContrastiveConfig, rows) -> dict[str, int]:
+    """Train pairs per source, counted by Ray Data (a streaming aggregation; the driver holds one row per source)."""
+    train = rows.map_batches(SplitRows(cfg.data.eval_fraction, held_out=False), batch_format="pyarrow",
+                             batch_size=None)  # fmt: skip
+    counts = read_bounded(train.groupby("source").count(), cfg.data.max_driver_bytes, "the per-source counts")
+    if not counts.num_rows:
+        counts = pa.table({"source": pa.array([], pa.string()), "count()": pa.array([], pa.int64())})
+    out = {str(k): int(v) for k, v in zip(counts.column("source").to_pylist(),
+                                           counts.column(counts.column_names[-1]).to_pylist(), strict=True)}  # fmt: skip
+    if not out:
+        raise ConfigError(
+            f"no train rows: every row of {cfg.data.input_dir or 'the given rows'} fell into the held-out split "
+            f"(data.eval_fraction={cfg.data.eval_fraction}); lower it or add rows"
+        )
+    return out
+
+
+def pair_order(cfg: ContrastiveConfig, rows_per_source: dict[str, int]) -> MixtureSection:
+    d, t = cfg.data, cfg.train
+    try:
+        return pair_mixture(
+            rows_per_source, alpha=d.source_alpha, global_batch_size=t.global_batch_size,
+            shuffle_window_rows=d.shuffle_window_rows, seed=t.seed, path=d.input_dir or "rows",
+        )  # fmt: skip
+    except ValueError as e:
+        raise ConfigError(f"contrastive sources: {e}") from None
+
+
+def resolve_config(cfg: ContrastiveConfig, saved: dict[str, Any] | None = None) -> ContrastiveConfig:
+    """`train.global_batch_size` = 0 becomes the checkpoint's value on a resume, else batch_size x the (largest)
+    number of workers; every world size the run may use must split it."""
+    t = cfg.train
+    value = t.global_batch_size
+    if not value:
+        prev = ((saved or {}).get("config") or {}).get("train", {}).get("global_batch_size") or 0
+        value = prev or t.batch_size * cfg.scaling.max_workers
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(t, global_batch_size=value))
+    check_world_sizes(cfg, lambda w: rank_batch_size(value, w))
+    return cfg
+
+
+def build_trainer(cfg: ContrastiveConfig, rows, pairs: MixtureSection):
+    """A `TorchTrainer` over the validated `rows` (a lazy Ray Dataset): one train dataset per source of `pairs`
+    and the held-out split; nothing is split between workers (every worker reads each source in full, in file
+    order, and keeps its part of the global order)."""
     from ray.train.torch import TorchTrainer
 
-    train, held = split_rows(rows, cfg.data.eval_fraction)
-    log.info("contrastive rows: %d train, %d held-out -> %s", train.num_rows, held.num_rows, cfg.run_dir)
-    sc = cfg.scaling
+    d = cfg.data
+    datasets = {
+        source_dataset_name(s.name): rows.map_batches(
+            SplitRows(d.eval_fraction, held_out=False, source=s.name), batch_format="pyarrow", batch_size=None
+        )
+        for s in pairs.sources
+    }
+    datasets[EVAL_DATASET] = rows.map_batches(
+        SplitRows(d.eval_fraction, held_out=True), batch_format="pyarrow", batch_size=None
+    )
+    log.info("contrastive: %d pairs per step from sources %s -> %s", cfg.train.global_batch_size,
+             {s.name: round(s.weight, 3) for s in pairs.sources}, cfg.run_dir)  # fmt: skip
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=to_dict(cfg),
-        scaling_config=sc.ray_scaling_config(),
-        datasets={"train": ray.data.from_arrow(train), "eval": ray.data.from_arrow(held)},
-        # not split: every worker samples from all rows; preserve_order: rows arrive in split_rows' order, which the
-        # sampler's positions (and therefore resume) rely on
-        dataset_config=DataConfig(
-            datasets_to_split=[], execution_options=ExecutionOptions(preserve_order=True)
-        ),
+        train_loop_config={"config": to_dict(cfg), "pairs": to_dict(pairs)},
+        scaling_config=cfg.scaling.ray_scaling_config(),
+        datasets=datasets,
+        dataset_config=source_data_config(),  # nothing split; preserve_order: the same order on every worker
         run_config=run_config(cfg),
     )
 
@@ -452,35 +551,41 @@ def finalize(cfg: ContrastiveConfig, result) -> dict[str, Any]:
     return evals
 
 
-def check_contrastive_resume(cfg: ContrastiveConfig):
+def check_contrastive_resume(cfg: ContrastiveConfig, pairs: MixtureSection):
+    """The job's resume rule: the saved position must be one of the same pair order (seed, shuffle window,
+    sources); any number of workers continues it."""
+
     def check(saved: dict[str, Any]) -> None:
         data = saved.get("data") or {}
-        if data.get("kind") != "sampled":
+        if data.get("kind") != STATE_KIND:
             raise ConfigError(
-                f"{cfg.run_dir} holds a checkpoint of another job (data position {data}); pick another "
+                f"{cfg.run_dir} holds a checkpoint whose data position is not one of the contrastive pair order "
+                f"(kind {data.get('kind')!r}: another job, or an older version of this one); pick another "
                 "--checkpoint.name or --checkpoint.storage_path"
             )
-        # The sampler's position is per rank: it continues exactly only on the world size that wrote it.
+        try:
+            check_state(pairs, data, 1)
+        except ValueError as e:
+            raise ConfigError(f"{cfg.run_dir} cannot resume: {e}") from None
         if saved["world_size"] != cfg.scaling.num_workers:
-            raise ConfigError(
-                f"{cfg.run_dir} resumes from a checkpoint written by {saved['world_size']} workers, but "
-                f"scaling.num_workers={cfg.scaling.num_workers}: contrastive training resumes only on the same "
-                f"number; resume with --scaling.num_workers={saved['world_size']} or start a new run with another "
-                "--checkpoint.name"
-            )
+            log.info("resuming a run of %d workers on %s: the pair order continues at the next unseen pair",
+                     saved["world_size"], cfg.scaling.num_workers)  # fmt: skip
 
     return check
 
 
-def fit(cfg: ContrastiveConfig, rows: pa.Table | None = None) -> dict[str, Any]:
+def fit(cfg: ContrastiveConfig, rows=None) -> dict[str, Any]:
     """Train + evaluate (or resume) the contrastive job `cfg`; returns {"before", "after", "step"}, also written to
-    RUN_DIR/eval.json next to the final `model/`. `rows` default: the validated rows of `data.input_dir`."""
+    RUN_DIR/eval.json next to the final `model/`. `rows`: a Ray Dataset (or a table) of validated rows; default:
+    `data.input_dir` (streamed: the driver reads only the per-source counts)."""
     if not cfg.model.init:
         raise ConfigError("model.init is empty: pass --init (see `default_init` for the embedded checkpoint)")
-    if rows is None:
-        rows = load_rows(ensure_validated(cfg.data.input_dir))
-    prepare_run(cfg, check_contrastive_resume(cfg))
-    result = fit_trainer(build_trainer(cfg, rows), cfg)
+    latest = rd.latest_checkpoint(cfg.run_dir)
+    cfg = resolve_config(cfg, None if latest is None else rd.read_train_state(latest))
+    rows = validated_rows(cfg, rows)
+    pairs = pair_order(cfg, count_pairs(cfg, rows))
+    prepare_run(cfg, check_contrastive_resume(cfg, pairs))
+    result = fit_trainer(build_trainer(cfg, rows, pairs), cfg)
     return finalize(cfg, result)
 
 
@@ -563,6 +668,6 @@ def default_init(cfg: ContrastiveConfig) -> Path:
 
 __all__ = [
     "RANDOM_INIT_PREFIX", "ContrastiveConfig", "ContrastiveDataSection", "ContrastiveModelSection",
-    "ContrastiveRunner", "ContrastiveTrainSection", "SourceSampler", "build_trainer", "default_init",
+    "ContrastiveRunner", "ContrastiveTrainSection", "build_trainer", "count_pairs", "read_bounded", "default_init",
     "ensure_validated", "finalize", "fit", "load_contrastive_config", "load_rows",
 ]  # fmt: skip

@@ -1,33 +1,46 @@
-"""Contrastive training data: the train/held-out split, the source sampler, the packed batch and its collate,
-and `SampledStepSource`, the `StepSource` the contrastive runner reads.
+"""Contrastive training data: the train/held-out split, the global pair order, the packed batch and its collate.
 
 Data: the validated, normalised rows of `jobs/validate_contrastive.py` (`query`, `positive`, `negatives`,
-`source`). The driver splits off a held-out set by a stable hash of the query text (`eval_fraction`), so the
-split never changes between runs or resumes, and hands both splits to the workers as Ray Datasets (not split
-between workers: contrastive sets are small, every worker holds the train rows in memory and samples from them).
+`source`), read by Ray Data and never gathered on the driver. The split is a stable hash of the query text
+(`eval_fraction`, `SplitRows`, applied as a Ray Data map), so it never changes between runs or resumes.
 
-Sampling (`SourceSampler`): a source is drawn with probability proportional to rows**alpha (alpha=1: as in the
-data, alpha=0: uniform over sources); with `one_source_per_batch` the whole GLOBAL batch comes from one source
-(in-batch negatives from another source are trivially easy). The global batch of every step is a pure function of
-(seed, step), and rank r takes its slice, so ranks never share a row in a step and a resumed run draws exactly the
-batches an uninterrupted one would have (the data position is the step counter).
+Order (`ContrastiveStepSource`, a `pipelines.train.data.GlobalStepSource`): each source is its own Ray Dataset of
+train pairs, read in full and in file order by every worker (not split); the global order is the one of
+pretraining (docs/data_order.md): per source and epoch a seeded window shuffle, then the deficit interleaving of the
+sources, here counting PAIRS (every row weighs 1) with source weights rows**alpha (alpha=1: as in the data,
+alpha=0: uniform over sources; `source_weights`). Sources repeat (a new epoch, newly shuffled, at their end).
+Global step s takes the next `global_batch_size` pairs; rank r of W trains pairs [r*G/W, (r+1)*G/W) of them. With
+`one_source_per_batch` the whole global batch comes from the one source the deficit rule picks (in-batch negatives
+from another source are trivially easy). Nothing depends on W: the state (`state_dict()`) is the global position,
+so a run resumes on any number of workers at the next unseen pair.
 
 Collate (`ContrastiveCollate`): queries, positives and hard negatives of a batch are tokenised as
 `[CLS] text [SEP]` (truncated to `max_seq_len`) and packed into ONE flat token stream with `cu_seqlens`
-(order: B queries, B positives, M negatives), encoded once on the varlen path and pooled per sequence.
+(order: B queries, B positives, M negatives), encoded once on the varlen path and pooled per sequence. Which hard
+negatives a row keeps (when it has more than `num_negatives`) is seeded by the row's key, not by rank or step.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import torch
+
+from pipelines.train.data import (
+    GlobalStepSource,
+    MixtureSection,
+    OpenEpoch,
+    SourceSection,
+    _keys,
+    dataset_name,
+    ray_open_epochs,
+)
 
 log = logging.getLogger("neobert.contrastive")
 
@@ -39,23 +52,51 @@ def text_key(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little") >> 1
 
 
-def split_rows(table: pa.Table, eval_fraction: float) -> tuple[pa.Table, pa.Table]:
-    """(train, eval) by a stable hash of the query text: a query never lands in both, and reruns agree.
-
-    Both splits come back sorted by (query hash, positive hash): Ray Data may read the validated files in any
-    order, and the sampler addresses rows by position, so a fixed order is what makes batches (and resumes)
-    reproducible. The eval cap (`num_eval_rows`) then takes a stable subset as well."""
+def check_columns(table: pa.Table) -> None:
     missing = [c for c in ROW_COLUMNS if c not in table.column_names]
     if missing:
         raise ValueError(
             f"contrastive rows lack column(s) {missing} (have {table.column_names}); read a dir written by "
             "jobs/validate_contrastive.py"
         )
+
+
+def eval_mask(table: pa.Table, eval_fraction: float) -> np.ndarray:
+    """(n,) bool: the rows held out, by a stable hash of the query text (a query is never on both sides)."""
+    qkey = np.array([text_key(q) for q in table.column("query").to_pylist()], dtype=np.int64)
+    return qkey % 10_000 < int(round(eval_fraction * 10_000))
+
+
+def sort_rows(table: pa.Table) -> pa.Table:
+    """The rows sorted by (query hash, positive hash): an order no file layout changes."""
     qkey = np.array([text_key(q) for q in table.column("query").to_pylist()], dtype=np.int64)
     pkey = np.array([text_key(p) for p in table.column("positive").to_pylist()], dtype=np.int64)
-    table = table.take(pa.array(np.lexsort((pkey, qkey))))
-    qkey.sort()
-    is_eval = qkey % 10_000 < int(round(eval_fraction * 10_000))
+    return table.take(pa.array(np.lexsort((pkey, qkey))))
+
+
+class SplitRows:
+    """Ray Data step (`map_batches(..., batch_format="pyarrow")`): the train (`held_out=False`) or held-out rows
+    of a batch of validated rows (of one `source`, if given), the `ROW_COLUMNS` only."""
+
+    def __init__(self, eval_fraction: float, *, held_out: bool, source: str | None = None) -> None:
+        self.eval_fraction, self.held_out, self.source = eval_fraction, held_out, source
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        check_columns(batch)
+        batch = batch.select(list(ROW_COLUMNS))
+        if self.source is not None:  # one source's rows only
+            batch = batch.filter(pa.compute.equal(batch.column("source"), self.source))
+        mask = eval_mask(batch, self.eval_fraction)
+        return batch.filter(pa.array(mask if self.held_out else ~mask, type=pa.bool_()))
+
+
+def split_rows(table: pa.Table, eval_fraction: float) -> tuple[pa.Table, pa.Table]:
+    """(train, eval) of a table the caller holds (the evaluation harness's held-out triples), split as `SplitRows`
+    splits the training stream: a query never lands in both, and reruns agree. Both come back in `sort_rows`
+    order, so the eval cap (`num_eval_rows`) takes a stable subset whatever order the rows arrived in."""
+    check_columns(table)
+    table = sort_rows(table)
+    is_eval = eval_mask(table, eval_fraction)
     train, held = table.filter(pa.array(~is_eval)), table.filter(pa.array(is_eval))
     if train.num_rows == 0 or held.num_rows == 0:
         raise ValueError(
@@ -63,56 +104,6 @@ def split_rows(table: pa.Table, eval_fraction: float) -> tuple[pa.Table, pa.Tabl
             f"{held.num_rows} held-out; both must be non-empty: add rows or change data.eval_fraction"
         )
     return train, held
-
-
-class SourceSampler:
-    """Row indices of step `step` for `rank`: see the module docstring. `sources` holds one name per row."""
-
-    def __init__(
-        self,
-        sources: list[str],
-        *,
-        batch_size: int,
-        world_size: int,
-        alpha: float,
-        one_source_per_batch: bool,
-        seed: int,
-    ):
-        names, inverse = np.unique(np.asarray(sources, dtype=object).astype(str), return_inverse=True)
-        self.source_names = [str(n) for n in names]
-        self.rows_by_source = [np.flatnonzero(inverse == i) for i in range(len(names))]
-        counts = np.array([len(r) for r in self.rows_by_source], dtype=np.float64)
-        weights = counts**alpha
-        self.probs = weights / weights.sum()
-        self.batch_size, self.world_size = batch_size, world_size
-        self.one_source_per_batch, self.seed = one_source_per_batch, seed
-        global_batch = batch_size * world_size
-        if one_source_per_batch and counts.min() < global_batch:
-            small = {n: int(c) for n, c in zip(self.source_names, counts, strict=True) if c < global_batch}
-            log.warning(
-                "sources %s have fewer rows than the global batch (%d): their batches repeat rows",
-                small,
-                global_batch,
-            )
-
-    def global_batch(self, step: int) -> np.ndarray:
-        rng = np.random.default_rng([self.seed, step])
-        n = self.batch_size * self.world_size
-        if self.one_source_per_batch:
-            src = int(rng.choice(len(self.probs), p=self.probs))
-            counts = np.zeros(len(self.probs), dtype=np.int64)
-            counts[src] = n
-        else:
-            counts = rng.multinomial(n, self.probs)
-        picks = []
-        for rows, k in zip(self.rows_by_source, counts, strict=True):
-            if k:
-                picks.append(rows[rng.choice(len(rows), size=k, replace=k > len(rows))])
-        out = np.concatenate(picks)
-        return out[rng.permutation(n)]  # mix the sources across ranks
-
-    def indices(self, step: int, rank: int) -> np.ndarray:
-        return self.global_batch(step)[rank * self.batch_size : (rank + 1) * self.batch_size]
 
 
 @dataclass
@@ -126,6 +117,7 @@ class ContrastiveBatch:
     pos_keys: torch.Tensor  # (B,) int64 text ids of the positives
     neg_keys: torch.Tensor  # (M,) int64
     num_truncated: int  # texts cut to max_seq_len
+    row_keys: torch.Tensor | None = None  # (B,) int64 global-order keys of the rows (source, epoch, position)
 
     @property
     def num_tokens(self) -> int:
@@ -163,13 +155,17 @@ class ContrastiveCollate:
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
 
-    def __call__(self, rows: dict[str, list], step: int = 0, rank: int = 0) -> ContrastiveBatch:
+    def __call__(self, rows: dict[str, list], keys: np.ndarray | None = None) -> ContrastiveBatch:
+        """`keys`: one int key per row (its global-order key) that seeds the choice of its hard negatives, so a
+        row gets the same negatives on any rank and world size; None = a hash of the query text."""
         queries, positives = list(rows["query"]), list(rows["positive"])
-        rng = np.random.default_rng([self.seed, step, rank, 7])
+        if keys is None:
+            keys = np.array([text_key(q) for q in queries], dtype=np.int64)
         negatives: list[str] = []
-        for negs in rows["negatives"]:
+        for key, negs in zip(keys, rows["negatives"], strict=True):
             negs = list(negs or [])
             if len(negs) > self.num_negatives:
+                rng = np.random.default_rng([self.seed, int(key), 7])
                 negs = [negs[i] for i in sorted(rng.choice(len(negs), self.num_negatives, replace=False))]
             negatives.extend(negs)
         texts = queries + positives + negatives
@@ -182,6 +178,7 @@ class ContrastiveCollate:
             pos_keys=torch.tensor([text_key(t) for t in positives], dtype=torch.long),
             neg_keys=torch.tensor([text_key(t) for t in negatives], dtype=torch.long),
             num_truncated=num_truncated,
+            row_keys=torch.as_tensor(np.asarray(keys, dtype=np.int64)),
         )
 
 
@@ -217,37 +214,113 @@ def eval_fingerprint(eval_set) -> str:
     return h.hexdigest()
 
 
-class SampledStepSource:
-    """`StepSource` of contrastive training: step s's batch is `sampler.indices(s, rank)` of the train rows,
-    collated one step ahead in a thread (tokenizers release the GIL). State: the step counter."""
+# ----------------------------------------------------------------------------------------------------------------
+# The global pair order
+# ----------------------------------------------------------------------------------------------------------------
+STATE_KIND = "contrastive"
 
-    def __init__(self, table: pa.Table, sampler: SourceSampler, collate: ContrastiveCollate, *, rank: int,
-                 start_step: int, num_steps: int, pin_memory: bool = False) -> None:  # fmt: skip
-        self.table, self.sampler, self.collate, self.rank = table, sampler, collate, rank
-        self.step, self.num_steps, self.pin_memory = start_step, num_steps, pin_memory
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="contrastive-collate")
-        self._next = self._pool.submit(self.make_batch, self.step) if self.step < num_steps else None
 
-    def make_batch(self, step: int) -> ContrastiveBatch:
-        idx = self.sampler.indices(step, self.rank)
-        rows = self.table.take(pa.array(idx)).to_pydict()
-        batch = self.collate(rows, step=step, rank=self.rank)
+def source_weights(rows_per_source: dict[str, int], alpha: float) -> dict[str, float]:
+    """P(source) ∝ train rows**alpha, normalized (the share of PAIRS each source gets)."""
+    names = sorted(n for n, c in rows_per_source.items() if c > 0)
+    if not names:
+        raise ValueError("no train rows in any source: check data.input_dir and data.eval_fraction")
+    w = np.array([float(rows_per_source[n]) for n in names]) ** alpha
+    return {n: float(x) for n, x in zip(names, w / w.sum(), strict=True)}
+
+
+def pair_mixture(
+    rows_per_source: dict[str, int], *, alpha: float, global_batch_size: int, shuffle_window_rows: int,
+    seed: int, path: str, prefetch_steps: int = 2,
+) -> MixtureSection:  # fmt: skip
+    """The `MixtureSection` of the contrastive pair order: one repeating source per validated source, weighted by
+    `source_weights`; a "token" of it is one pair (`global_batch_tokens` = pairs per global step)."""
+    return MixtureSection(
+        sources=[
+            SourceSection(name=n, path=path, weight=w, repeat=True)
+            for n, w in source_weights(rows_per_source, alpha).items()
+        ],  # fmt: skip
+        global_batch_tokens=global_batch_size,
+        shuffle_window_rows=shuffle_window_rows,
+        seed=seed,
+        prefetch_steps=prefetch_steps,
+    )
+
+
+def rank_batch_size(global_batch_size: int, world_size: int) -> int:
+    """Pairs per rank and step; ValueError unless the workers split the global batch evenly."""
+    if world_size < 1 or global_batch_size % world_size:
+        raise ValueError(
+            f"train.global_batch_size={global_batch_size} pairs do not split over {world_size} workers; make it a "
+            f"multiple of every number of workers the run may use (e.g. {max(1, global_batch_size // max(world_size, 1)) * max(world_size, 1)})"
+        )
+    return global_batch_size // world_size
+
+
+def source_dataset_name(source: str) -> str:
+    """The Ray Train dataset name of a source's train pairs."""
+    return dataset_name(source)
+
+
+class ContrastiveStepSource(GlobalStepSource):
+    """`StepSource` of contrastive training over the global pair order (module docstring): one
+    `ContrastiveBatch` per step with this rank's G/W pairs, assembled ahead in a background thread."""
+
+    size_column = None  # every pair weighs 1
+    size_metric = "pairs"
+
+    def __init__(
+        self, cfg: MixtureSection, open_epochs: dict[str, OpenEpoch], collate: ContrastiveCollate, *,
+        rank: int = 0, world_size: int = 1, one_source_per_batch: bool = False, state: dict | None = None,
+        max_steps: int | None = None, pin_memory: bool = False,
+    ) -> None:  # fmt: skip
+        if state is not None and state.get("kind") != STATE_KIND:
+            raise ValueError(
+                f"the data position {state} is not one of the contrastive pair order; start a new run"
+            )
+        self.collate, self.one_source_per_batch = collate, one_source_per_batch
+        super().__init__(
+            cfg, open_epochs, pack_tokens=1,
+            rows_per_micro_batch=rank_batch_size(cfg.global_batch_tokens, world_size), rank=rank,
+            world_size=world_size, state=state, max_steps=max_steps, validate=False, pin_memory=pin_memory,
+        )  # fmt: skip
+
+    def _global_rows(self) -> list:
+        if self.one_source_per_batch:
+            return self.order.next_rows_one_source(self.R)
+        return super()._global_rows()
+
+    def _snapshot(self, step: int) -> dict[str, Any]:
+        return {**super()._snapshot(step), "kind": STATE_KIND}
+
+    def _collate(self, rows: list) -> ContrastiveBatch:
+        parts: list[pa.Table] = []
+        run: list[int] = []
+        for j, r in enumerate(rows):  # one `take` per run of rows from the same window
+            run.append(r.row)
+            if j + 1 == len(rows) or rows[j + 1].window is not r.window:
+                parts.append(r.window.table.take(pa.array(run, type=pa.int64())).select(list(ROW_COLUMNS)))
+                run = []
+        table = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
+        bases = np.array([self._key_bases(r.source, r.epoch) for r in rows], dtype=np.uint64)
+        keys = _keys(bases, np.array([r.pos for r in rows], dtype=np.uint64))
+        batch = self.collate(table.to_pydict(), keys=keys)
         if self.pin_memory:
             batch.input_ids = batch.input_ids.pin_memory()
         return batch
 
-    def next_step(self) -> list[ContrastiveBatch]:
-        if self._next is None:
-            raise RuntimeError(
-                f"SampledStepSource: asked for step {self.step + 1} of train.num_steps={self.num_steps}"
-            )
-        batch = self._next.result()
-        self.step += 1
-        self._next = self._pool.submit(self.make_batch, self.step) if self.step < self.num_steps else None
-        return [batch]
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"kind": "sampled", "step": self.step}
+def pair_source_from_shards(
+    cfg: MixtureSection, collate: ContrastiveCollate, *, one_source_per_batch: bool, state: dict | None,
+    max_steps: int | None, prefetch_batches: int = 2, pin_memory: bool = False,
+) -> ContrastiveStepSource:  # fmt: skip
+    """On a Ray Train worker: this rank's `ContrastiveStepSource` over `get_dataset_shard(source_dataset_name(s))`."""
+    import ray.train
 
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+    ctx = ray.train.get_context()
+    its = {s.name: ray.train.get_dataset_shard(source_dataset_name(s.name)) for s in cfg.sources}
+    return ContrastiveStepSource(
+        cfg, ray_open_epochs(its, prefetch_batches=prefetch_batches), collate, rank=ctx.get_world_rank(),
+        world_size=ctx.get_world_size(), one_source_per_batch=one_source_per_batch, state=state,
+        max_steps=max_steps, pin_memory=pin_memory,
+    )  # fmt: skip

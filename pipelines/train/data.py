@@ -240,9 +240,10 @@ class _EpochCursor:
         epoch: int,
         pos: int,
         exhausted: bool = False,
+        size_column: str | None = "num_tokens",
     ) -> None:
         self.name, self._open, self.seed, self.B, self.repeat = name, open_epoch, seed, window_rows, repeat
-        self.pack_tokens = pack_tokens
+        self.pack_tokens, self.size_column = pack_tokens, size_column
         self.epoch, self.pos = epoch, pos
         self.exhausted = exhausted
         self._it: Iterator[pa.Table] | None = None
@@ -309,7 +310,10 @@ class _EpochCursor:
             if self.B
             else np.arange(n)
         )
-        raw = table.column("num_tokens").to_numpy().astype(np.int64)
+        if self.size_column is None:  # every row counts as one unit (e.g. contrastive pairs)
+            raw = np.ones(n, dtype=np.int64)
+        else:
+            raw = table.column(self.size_column).to_numpy().astype(np.int64)
         if (
             raw.max() > self.pack_tokens
         ):  # every rank checks every row, cheaply (the collate sees only its own)
@@ -393,7 +397,10 @@ class GlobalOrder:
         on_exhausted: str,
         pack_tokens: int,
         state: dict | None = None,
+        size_column: str | None = "num_tokens",
     ) -> None:
+        """`size_column`: the int column that measures a row for the mixture (tokens of a packed row); None
+        counts every row as 1, so weights then share ROWS (`pack_tokens` is then the largest size: 1)."""
         missing = [s.name for s in sources if s.name not in open_epochs]
         assert not missing, f"no reader for sources {missing}"
         self.sources = sources
@@ -409,6 +416,7 @@ class GlobalOrder:
             c = _EpochCursor(
                 s.name, open_epochs[s.name], seed=seed, window_rows=window_rows, repeat=s.repeat,
                 pack_tokens=pack_tokens, epoch=ss["epoch"], pos=ss["rows_in_epoch"], exhausted=ss["exhausted"],
+                size_column=size_column,
             )  # fmt: skip
             self.cursors.append(c)
 
@@ -443,6 +451,31 @@ class GlobalOrder:
                     f"on_exhausted=stop ends the stream here (set its repeat: true or on_exhausted: renormalize)"
                 )
             log.warning("data source %r ran out; continuing with the others, weights renormalized", c.name)
+
+    def next_rows_one_source(self, n: int) -> list[_Row]:
+        """The next n rows, all from ONE source: the one `_pick` chooses for the first row (so whole groups of n
+        rows follow the weights). A source that runs out inside the group raises DataExhausted (no partial group)."""
+        while True:
+            i = self._pick()
+            c = self.cursors[i]
+            if c.has_next():
+                break
+            if self.on_exhausted == "stop":
+                raise DataExhausted(
+                    f"data source {c.name!r} (repeat=false) ran out after {c.pos} rows of epoch {c.epoch}; "
+                    f"on_exhausted=stop ends the stream here (set its repeat: true or on_exhausted: renormalize)"
+                )
+        out = []
+        for _ in range(n):
+            if not c.has_next():
+                raise DataExhausted(
+                    f"data source {c.name!r} (repeat=false) ran out inside a one-source group"
+                )
+            win, row, epoch, pos, tok = c.take()
+            self.tokens[i] += tok
+            self.rows[i] += 1
+            out.append(_Row(i, win, row, epoch, pos, tok))
+        return out
 
     def state(self) -> dict[str, Any]:
         return {
@@ -533,7 +566,13 @@ class GlobalStepSource:
     `state` is a `state_dict()` of an earlier run with the same sources, seed and shuffle window (any world size
     or micro-batch size). A background thread assembles up to `cfg.prefetch_steps` steps ahead (0 = in the
     caller's thread); `max_steps` bounds how many it assembles (None = until the data runs out).
+
+    Subclasses (contrastive training) may set `size_column` (what a row weighs in the mixture; None = 1 per row)
+    and override `_collate` (rows -> one micro-batch) and `_snapshot`.
     """
+
+    size_column: str | None = "num_tokens"
+    size_metric = "tokens"  # the step's size per source is reported as data/<size_metric>/<source>
 
     def __init__(
         self,
@@ -561,7 +600,7 @@ class GlobalStepSource:
         self._check_state(state)
         self.order = GlobalOrder(
             cfg.sources, open_epochs, seed=cfg.seed, window_rows=cfg.shuffle_window_rows,
-            on_exhausted=cfg.on_exhausted, pack_tokens=pack_tokens, state=state,
+            on_exhausted=cfg.on_exhausted, pack_tokens=pack_tokens, state=state, size_column=self.size_column,
         )  # fmt: skip
         self.step = int(state["global_step"]) if state else 0
         self._produced = self.step
@@ -602,8 +641,12 @@ class GlobalStepSource:
         return self._stats
 
     # -- assembly ---------------------------------------------------------------------------------------------
+    def _global_rows(self) -> list[_Row]:
+        """The R rows of the next global step, in order."""
+        return [self.order.next_row() for _ in range(self.R)]
+
     def _assemble(self) -> _Step:
-        rows = [self.order.next_row() for _ in range(self.R)]
+        rows = self._global_rows()
         mine = rows[self.rank * self.A * self.m : (self.rank + 1) * self.A * self.m]
         batches = [self._collate(mine[a * self.m : (a + 1) * self.m]) for a in range(self.A)]
         names = [s.name for s in self.cfg.sources]
@@ -613,7 +656,7 @@ class GlobalStepSource:
         total = max(sum(self.order.tokens), 1)
         stats: dict[str, float] = {}
         for i, n in enumerate(names):
-            stats[f"data/tokens/{n}"] = float(step_tokens[i])
+            stats[f"data/{self.size_metric}/{n}"] = float(step_tokens[i])
             stats[f"data/share/{n}"] = float(self.order.tokens[i]) / total
             stats[f"data/epoch/{n}"] = float(self.order.cursors[i].epoch)
         self._produced += 1

@@ -54,7 +54,7 @@ def test_contrastive_training_improves_heldout_recall(ray_session, tmp_path):
         f"--checkpoint.storage_path={out.parent}", "--checkpoint.name=ft", "--scaling.num_workers=2",
         "--scaling.resources_per_worker={CPU: 0.5}", "--failure.max_failures=1",
     ])  # fmt: skip
-    evals = ct.fit(cfg, rows)
+    evals = ct.fit(cfg)  # streams data.input_dir: the driver reads only the per-source counts
     saved = json.loads((out / "eval.json").read_text())
     assert saved["before"] == evals["before"] and saved["after"] == evals["after"]
     for phase in ("before", "after"):

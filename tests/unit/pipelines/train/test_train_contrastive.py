@@ -1,6 +1,8 @@
-"""Contrastive training pieces without a cluster: source sampling, packing collate, split, eval set, init dirs."""
+"""Contrastive training pieces without a cluster: the global pair order, packing collate, split, eval set, init dirs."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pyarrow as pa
@@ -10,39 +12,128 @@ import torch
 from pipelines.tokenizer import CLS_ID, SEP_ID
 from pipelines.train import contrastive_data as ct
 from pipelines.train import contrastive_init as ci
+from pipelines.train.data import row_keys
 
 
-def _sampler(sources, **kw):
-    args = dict(batch_size=8, world_size=2, alpha=0.5, one_source_per_batch=False, seed=3)
-    return ct.SourceSampler(sources, **{**args, **kw})
+def _source_rows(name: str, n: int) -> pa.Table:
+    return pa.table({
+        "query": [f"{name} query {i}" for i in range(n)],
+        "positive": [f"{name} passage {i}" for i in range(n)],
+        "negatives": [[f"{name} negative {i} {j}" for j in range(3)] for i in range(n)],
+        "source": [name] * n,
+    })  # fmt: skip
 
 
-def test_source_probabilities_follow_rows_to_the_alpha():
-    sources = ["a"] * 900 + ["b"] * 100
-    s = _sampler(sources, alpha=0.5)
-    expected = np.array([30.0, 10.0]) / 40.0  # sqrt(900) : sqrt(100)
-    assert np.allclose(s.probs, expected)
-    names = np.array(sources)
-    picks = np.concatenate([s.global_batch(step) for step in range(400)])
-    frac_a = float((names[picks] == "a").mean())
-    print(f"alpha=0.5: P(a) expected {expected[0]:.3f}, sampled {frac_a:.3f} over {picks.size} rows")
-    assert abs(frac_a - expected[0]) < 0.03
-    assert np.allclose(_sampler(sources, alpha=0.0).probs, [0.5, 0.5])
-    assert np.allclose(_sampler(sources, alpha=1.0).probs, [0.9, 0.1])
+SIZES = {"a": 90, "b": 40, "c": 10}
 
 
-def test_one_source_per_global_batch_and_disjoint_rank_slices():
-    sources = ["a"] * 50 + ["b"] * 50 + ["c"] * 20
-    s = _sampler(sources, one_source_per_batch=True)
-    names = np.array(sources)
-    for step in range(50):
-        r0, r1 = s.indices(step, 0), s.indices(step, 1)
-        assert len(r0) == len(r1) == 8
-        assert len(set(names[np.concatenate([r0, r1])])) == 1  # the whole global batch: one source
-        assert not set(r0) & set(r1)  # ranks never share a row within a step
-        assert np.array_equal(r0, s.indices(step, 0))  # a pure function of (seed, step): resume-exact
-    mixed = _sampler(sources)
-    assert any(len(set(names[mixed.global_batch(step)])) > 1 for step in range(10))
+def _opens(sizes=SIZES, block=7):
+    tables = {n: _source_rows(n, k) for n, k in sizes.items()}
+    # Arrow batches of `block` rows: what a Ray Data iterator hands over (the order does not depend on it)
+    return {
+        n: (lambda e, t=t: [t.slice(i, block) for i in range(0, t.num_rows, block)])
+        for n, t in tables.items()
+    }
+
+
+@pytest.fixture(scope="module")
+def collate():
+    return ct.ContrastiveCollate(max_seq_len=16, num_negatives=1, seed=0)
+
+
+def _pairs(global_batch=12, alpha=0.5, window=16, sizes=SIZES):
+    return ct.pair_mixture(sizes, alpha=alpha, global_batch_size=global_batch, shuffle_window_rows=window, seed=5,
+                           path="rows", prefetch_steps=0)  # fmt: skip
+
+
+def _run(collate, world, steps, *, state=None, one_source=False, sizes=SIZES, **kw):
+    """Per global step the keys (in order) and per-rank queries over all ranks, and the state after the last."""
+    srcs = [ct.ContrastiveStepSource(_pairs(sizes=sizes, **kw), _opens(sizes), collate, rank=r, world_size=world,
+                                     one_source_per_batch=one_source, state=state, max_steps=steps)
+            for r in range(world)]  # fmt: skip
+    out = []
+    for _ in range(steps):
+        batches = [s.next_step()[0] for s in srcs]
+        out.append(np.concatenate([b.row_keys.numpy() for b in batches]).tolist())
+    states = [s.state_dict() for s in srcs]
+    assert all(st == states[0] for st in states)  # every rank stores the same global position
+    for s in srcs:
+        s.close()
+    return out, states[0]
+
+
+def test_source_shares_follow_rows_to_the_alpha():
+    expected = np.sqrt([90.0, 40.0, 10.0]) / np.sqrt([90.0, 40.0, 10.0]).sum()
+    w = ct.source_weights(SIZES, 0.5)
+    assert np.allclose([w[n] for n in "abc"], expected)
+    assert np.allclose(list(ct.source_weights(SIZES, 0.0).values()), [1 / 3] * 3)
+    assert np.allclose(
+        [ct.source_weights(SIZES, 1.0)[n] for n in "abc"], [0.64285714, 0.28571429, 0.07142857]
+    )
+    src = ct.ContrastiveStepSource(_pairs(), _opens(), None, max_steps=None)
+    src.collate = lambda rows, keys: rows["source"]  # only the sources of the pairs
+    picks = np.concatenate([src.next_step()[0] for _ in range(40)])
+    shares = [float((picks == n).mean()) for n in "abc"]
+    print(f"alpha=0.5: shares expected {np.round(expected, 3).tolist()}, got {np.round(shares, 3).tolist()}")
+    assert (
+        np.abs(np.array(shares) - expected).max() < 0.01
+    )  # deficit interleaving: within a pair of the share
+    assert src.step_stats()["data/pairs/a"] > 0
+
+
+def test_order_does_not_depend_on_world_size_and_resumes_on_another(collate):
+    full, _ = _run(collate, 1, 8)
+    assert all(len(step) == 12 for step in full)
+    assert len({k for step in full for k in step}) == 96 < sum(SIZES.values())  # no pair twice in an epoch
+    for world in (2, 3, 4):
+        assert _run(collate, world, 8)[0] == full, world
+    for stop, w1, w2 in ((3, 2, 1), (5, 1, 3), (1, 4, 2)):
+        head, state = _run(collate, w1, stop)
+        tail, _ = _run(collate, w2, 8 - stop, state=json.loads(json.dumps(state)))
+        assert head + tail == full, (stop, w1, w2)
+    with pytest.raises(ValueError, match="do not split over 5 workers"):
+        _run(collate, 5, 1)
+
+
+def test_epochs_repeat_reshuffled_and_one_source_batches(collate):
+    small = {"a": 10, "b": 6}
+    steps, _ = _run(collate, 2, 10, sizes=small, global_batch=4, window=4)
+    keys = [k for s in steps for k in s]
+    assert len(keys) == 40 and len(set(keys)) == 40  # row keys carry the epoch: later epochs are new keys
+    one, _ = _run(collate, 2, 30, one_source=True, sizes=small, global_batch=4, window=4)
+    a_keys = {k for e in range(20) for k in row_keys("a", e, np.arange(10)).tolist()}
+    from_a = [all(k in a_keys for k in step) for step in one]
+    assert all(
+        f or not any(k in a_keys for k in step) for f, step in zip(from_a, one, strict=True)
+    )  # one source
+    share = np.mean(from_a)
+    expected = ct.source_weights(small, 0.5)["a"]
+    assert abs(share - expected) < 0.05, (share, expected)
+    resumed = _run(collate, 1, 10, one_source=True, sizes=small, global_batch=4, window=4,
+                   state=_run(collate, 2, 20, one_source=True, sizes=small, global_batch=4, window=4)[1])[0]  # fmt: skip
+    assert resumed == one[20:]
+
+
+def test_split_rows_step_matches_the_table_split():
+    t = _rows(400)
+    train, held = ct.split_rows(t, 0.2)
+    got_train = ct.SplitRows(0.2, held_out=False)(t)
+    got_held = ct.SplitRows(0.2, held_out=True)(t)
+    assert sorted(got_train.column("query").to_pylist()) == sorted(train.column("query").to_pylist())
+    assert sorted(got_held.column("query").to_pylist()) == sorted(held.column("query").to_pylist())
+    two = pa.concat_tables([t, _source_rows("z", 50)])
+    only_z = ct.SplitRows(0.2, held_out=False, source="z")(two)
+    assert set(only_z.column("source").to_pylist()) == {"z"} and 25 < only_z.num_rows < 50
+
+
+def test_hard_negatives_follow_the_row_key_not_the_rank(collate):
+    rows = _source_rows("a", 4).to_pydict()
+    keys = np.array([11, 12, 13, 14])
+    b1 = collate(rows, keys=keys)
+    sub = {k: v[2:] for k, v in rows.items()}
+    b2 = collate(sub, keys=keys[2:])  # the same rows in another batch (another rank's part)
+    assert b1.neg_keys[2:].tolist() == b2.neg_keys.tolist()
+    assert b1.row_keys.tolist() == keys.tolist()
 
 
 def test_pack_token_lists_wraps_and_truncates():
@@ -76,7 +167,7 @@ def test_collate_packs_queries_positives_negatives_in_order():
         "negatives": [["the earth was formless", "darkness was on the deep"], []],
         "source": ["x", "y"],
     }
-    b = collate(rows, step=0, rank=0)
+    b = collate(rows)
     assert b.num_queries == 2 and b.num_negatives == 1  # capped to 1 per row; the 2nd row has none
     assert b.lengths.shape == (5,) and int(b.lengths.sum()) == b.num_tokens
     cu = np.concatenate([[0], np.cumsum(b.lengths.numpy())])

@@ -30,11 +30,9 @@ def test_strategy_is_validated_with_the_choices():
         load_pretrain_config(None, ["--scaling.strategy", "zero3"])
 
 
-def test_contrastive_refuses_what_its_eval_and_sampler_cannot_do():
-    with pytest.raises(ValueError, match="retrieval eval on rank 0 alone"):
-        load_contrastive_config(None, ["--scaling.strategy", "fsdp2"])
-    with pytest.raises(ValueError, match="cannot run elastic"):
-        load_contrastive_config(None, ["--scaling.num_workers", "[1, 2]"])
+def test_contrastive_runs_fsdp2_and_elastic():
+    assert load_contrastive_config(None, ["--scaling.strategy", "fsdp2"]).scaling.strategy == "fsdp2"
+    assert load_contrastive_config(None, ["--scaling.num_workers", "[1, 2]"]).scaling.elastic
 
 
 def test_every_world_size_of_an_elastic_run_must_divide_the_global_batch():
@@ -45,16 +43,20 @@ def test_every_world_size_of_an_elastic_run_must_divide_the_global_batch():
         check_world_sizes(cfg, lambda w: plan_accumulation(16 * 512, 512, w, 2))
 
 
-def test_contrastive_resume_on_another_world_size_is_refused_by_its_own_rule(tmp_path):
+def test_contrastive_resumes_on_another_world_size_but_not_another_order(tmp_path):
     import json
 
-    from pipelines.train.contrastive import check_contrastive_resume
+    from pipelines.train.contrastive import check_contrastive_resume, resolve_config
+    from pipelines.train.contrastive_data import STATE_KIND, pair_mixture
 
     ckpt = tmp_path / "c" / "checkpoint_2026-01-01_00-00-01.000000"
     ckpt.mkdir(parents=True)
-    (ckpt / "train_state.json").write_text(
-        json.dumps({"step": 3, "world_size": 2, "data": {"kind": "sampled"}})
-    )
+    pairs = pair_mixture({"a": 30, "b": 10}, alpha=0.5, global_batch_size=8, shuffle_window_rows=16, seed=0,
+                         path="rows")  # fmt: skip
+    data = {"version": 1, "kind": STATE_KIND, "global_step": 3, "rows_per_step": 8,
+            "order": {"seed": 0, "shuffle_window_rows": 16, "sources": ["a", "b"]}, "sources": {}}  # fmt: skip
+    state = {"step": 3, "world_size": 2, "data": data, "config": {"train": {"global_batch_size": 8}}}
+    (ckpt / "train_state.json").write_text(json.dumps(state))
     snapshot = {"checkpoint_results": [{"checkpoint_dir_name": ckpt.name}]}
     (tmp_path / "c" / "checkpoint_manager_snapshot.json").write_text(json.dumps(snapshot))
     argv = [
@@ -65,11 +67,19 @@ def test_contrastive_resume_on_another_world_size_is_refused_by_its_own_rule(tmp
         "--model.init",
         "random:tiny",
     ]
-    cfg = load_contrastive_config(None, [*argv, "--scaling.num_workers", "1"])
-    with pytest.raises(ConfigError, match=r"written by 2 workers.*--scaling.num_workers=2"):
-        prepare_run(cfg, check_contrastive_resume(cfg))
-    ok = load_contrastive_config(None, [*argv, "--scaling.num_workers", "2"])
-    prepare_run(ok, check_contrastive_resume(ok))
+    one = resolve_config(load_contrastive_config(None, [*argv, "--scaling.num_workers", "1"]), state)
+    assert one.train.global_batch_size == 8  # the checkpoint's global batch, not batch_size x 1
+    prepare_run(one, check_contrastive_resume(one, pairs))  # 2 -> 1 workers: the global order continues
+    with pytest.raises(ConfigError, match=r"shuffle_window_rows=16 .* set shuffle_window_rows: 16"):
+        other = pair_mixture({"a": 30, "b": 10}, alpha=0.5, global_batch_size=8, shuffle_window_rows=4, seed=0,
+                             path="rows")  # fmt: skip
+        prepare_run(one, check_contrastive_resume(one, other))
+    state["data"] = {"kind": "sampled", "step": 3}
+    (ckpt / "train_state.json").write_text(json.dumps(state))
+    with pytest.raises(ConfigError, match="not one of the contrastive pair order"):
+        prepare_run(one, check_contrastive_resume(one, pairs))
+    with pytest.raises(ConfigError, match=r"does not split over \[3\] workers"):
+        resolve_config(load_contrastive_config(None, [*argv, "--scaling.num_workers", "[2, 4]"]), state)
 
 
 def bare_runner(tmp_path, *argv, step=1, resumed=False):
