@@ -3,6 +3,7 @@
   python jobs/pretrain.py                                   # tiny preset, embedded corpus, 2 CPU workers
   python jobs/pretrain.py --config configs/pretrain_base_1gpu.yaml --train.num_steps 200
   python jobs/pretrain.py --data.packed_dir outputs/preprocessed --train.tokens_per_micro_batch 16384
+  python jobs/pretrain.py --config configs/recipes/neobert_tiny.yaml --data_root DATA   # phases (docs/recipes.md)
   ray job submit --working-dir . -- python jobs/pretrain.py --checkpoint.storage_path /shared/runs
 
 Re-running with the same checkpoint.name and storage path resumes from the latest checkpoint. With
@@ -20,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout / `--working-dir .`
 
 from pipelines import cli, contracts  # noqa: E402
+from pipelines.train import recipe  # noqa: E402
 from pipelines.train.pretrain import DEFAULT_CONFIG, PretrainConfig, fit, load_pretrain_config  # noqa: E402
 from pipelines.train.sinks import METRICS_FILE  # noqa: E402
 
@@ -61,11 +63,14 @@ SPEC = cli.JobSpec(
     load=load_pretrain_config,
     prepare=prepare,
     output_keys=("checkpoint.storage_path",),
-    input_keys=("data.packed_dir",),
+    input_keys=("data.packed_dir", "train.init_from"),
 )
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if recipe.recipe_config_in(argv):  # configs/recipes/*.yaml: several phases, one run each
+        return cli.main(recipe.job_spec(__doc__), recipe.run_job, argv)
     return cli.main(SPEC, run, argv)
 
 
