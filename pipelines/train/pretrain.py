@@ -451,7 +451,8 @@ class PretrainRunner(TrainRunner):
     def trace_records(self, batches: list[PackedBatch]) -> list[dict[str, Any]]:
         """Per micro-batch its rows' keys (`row_keys`: which rows of the global order it trained on), per row a
         fingerprint of tokens + mask (`row_shas`), and of the whole micro-batch (`rows_sha`: the unmasked token
-        stream; `sha`: rows + masks). Syncs on GPU: debug and tests only."""
+        stream; `sha`: rows + masks), and its longest document segment (`max_doc_tokens`, padding left out). Syncs
+        on GPU: debug and tests only."""
         out = []
         for i, (b, mb) in enumerate(zip(batches, self._last_micro_batches, strict=True)):
             ids, labels = b.input_ids.numpy(), mb.labels.cpu().numpy()
@@ -460,9 +461,12 @@ class PretrainRunner(TrainRunner):
                 hashlib.sha256(ids[lo:hi].tobytes() + labels[lo:hi].tobytes()).hexdigest()[:12]
                 for lo, hi in itertools.pairwise(offsets)
             ]
+            cu = b.cu_seqlens.tolist()
+            real = [hi - lo for lo, hi in itertools.pairwise(cu) if hi <= offsets[-1]]
             out.append({
                 "micro": i,
                 "rows": b.num_rows,
+                "max_doc_tokens": max(real, default=0),
                 "row_keys": b.row_keys.tolist(),
                 "row_shas": row_shas,
                 "rows_sha": hashlib.sha256(ids.tobytes()).hexdigest()[:16],
