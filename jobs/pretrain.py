@@ -67,11 +67,18 @@ SPEC = cli.JobSpec(
 )
 
 
+RECIPE_SPEC = recipe.job_spec(__doc__)  # --config configs/recipes/*.yaml: several phases, one run each
+
+
+def spec_for(argv: list[str]) -> cli.JobSpec:
+    """The recipe job when `--config` names a recipe (a YAML with `phases`), else the single run."""
+    return RECIPE_SPEC if recipe.recipe_config_in(argv) else SPEC
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if recipe.recipe_config_in(argv):  # configs/recipes/*.yaml: several phases, one run each
-        return cli.main(recipe.job_spec(__doc__), recipe.run_job, argv)
-    return cli.main(SPEC, run, argv)
+    spec = spec_for(argv)
+    return cli.main(spec, recipe.run_job if spec is RECIPE_SPEC else run, argv)
 
 
 if __name__ == "__main__":

@@ -211,8 +211,11 @@ def load_recipe_dict(path: str | Path) -> dict[str, Any]:
     base = data.pop("base", None)
     if base:
         parent = load_recipe_dict(path.parent / base)
-        phases = _merge_phases(parent.get("phases", []), data.pop("phases", []), str(path))
-        data = {**deep_merge(parent, data), "phases": phases}
+        if "phases" in parent or "phases" in data:  # else a plain pretraining config: no `phases` key added
+            phases = _merge_phases(parent.get("phases", []), data.pop("phases", []), str(path))
+            data = {**deep_merge(parent, data), "phases": phases}
+        else:
+            data = deep_merge(parent, data)
     return data
 
 

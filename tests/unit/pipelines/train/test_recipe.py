@@ -240,6 +240,9 @@ def test_recipe_on_the_command_line_and_driver_checks(tmp_path):
     assert recipe_config_in(["--config", tiny, "--data_root", "x"]) == tiny
     assert recipe_config_in([f"--config={tiny}"]) == tiny
     assert recipe_config_in(["--config", str(REPO / "configs" / "pretrain.yaml")]) is None
+    assert (
+        recipe_config_in(["--config", str(REPO / "configs" / "pretrain_base_1gpu.yaml")]) is None
+    )  # base: chain
     assert recipe_config_in(["--train.num_steps", "3"]) is None
     # the global batch must split over workers x micro-batches: named with the phase before anything runs
     with pytest.raises(
