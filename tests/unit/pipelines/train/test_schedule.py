@@ -117,3 +117,27 @@ def test_wsd_holds_the_floor_after_its_decay():
     got = scheduler_lrs([PHASES[-1]])
     assert got[-4:] == pytest.approx([1e-5] * 4)  # steps 10..13: decay ended at step 10
     assert got[9] > 1e-5
+
+
+@pytest.mark.parametrize("seg", [PHASES[4], PHASES[0]], ids=["wsd", "cosine"])
+def test_a_resumed_scheduler_continues_the_formula(seg, tmp_path):
+    """The runner saves `scheduler.state_dict()` in train_state.pt and loads it into a fresh scheduler on resume
+    (the optimizer's state, with each group's current LR, comes back through dcp/)."""
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=seg.lr)
+    sched = build_lr_scheduler(opt, seg)
+    for _ in range(5):
+        opt.step()
+        sched.step()
+    torch.save({"scheduler": sched.state_dict(), "optim": opt.state_dict()}, tmp_path / "state.pt")
+    opt2 = torch.optim.SGD([p], lr=seg.lr)
+    sched2 = build_lr_scheduler(opt2, seg)
+    saved = torch.load(tmp_path / "state.pt", weights_only=False)
+    opt2.load_state_dict(saved["optim"])
+    sched2.load_state_dict(saved["scheduler"])
+    got = []
+    for _ in range(5, seg.num_steps):
+        got.append(opt2.param_groups[0]["lr"])
+        opt2.step()
+        sched2.step()
+    assert got == pytest.approx([seg.lr_at(s) for s in range(5, seg.num_steps)])
