@@ -174,3 +174,27 @@ def test_encoder_only_source_keeps_the_decoder_init(tmp_path):
     load_weights(resolve_warm_start(tmp_path / "enc"), model)
     assert torch.equal(model.encoder.embeddings.weight, enc.encoder.embeddings.weight)
     assert torch.equal(model.decoder.weight, decoder)
+
+
+def test_stable_adamw_state_carries_over(tmp_path):
+    """StableAdamW (torch-optimi) through the same sharded save / load as AdamW (the ModernBERT-style recipe)."""
+    cfg = tiny_cfg()
+    src_model = random_model(cfg, seed=10)
+    opt = build_optimizer(src_model, "stable_adamw", lr=1e-3, weight_decay=0.01, betas=(0.9, 0.98), eps=1e-6)
+    ids_T, labels_T, meta, *_ = batch(cfg.vocab_size)
+    src_model.train()
+    src_model(ids_T, meta, labels_T).loss_sum.backward()
+    opt.step()
+    write_checkpoint(tmp_path / "checkpoint_2026-01-01_00-00-00", src_model, cfg, 1, opt, name="stable_adamw")
+    src = check_warm_start(tmp_path, cfg, with_optimizer=True, optimizer="stable_adamw")
+    model = random_model(cfg, seed=11)
+    load_weights(src, model)
+    opt2 = build_optimizer(model, "stable_adamw", lr=3e-4, weight_decay=0.01, betas=(0.9, 0.98), eps=1e-6)
+    load_optimizer_state(src, model, opt2)
+    for p_new, p_old in zip(model.parameters(), src_model.parameters(), strict=True):
+        for key, value in opt.state[p_old].items():
+            got = opt2.state[p_new][key]
+            assert (
+                (got is None) if value is None else torch.equal(torch.as_tensor(got), torch.as_tensor(value))
+            ), key
+    assert {g["lr"] for g in opt2.param_groups} == {3e-4}
