@@ -198,3 +198,24 @@ def test_stable_adamw_state_carries_over(tmp_path):
                 (got is None) if value is None else torch.equal(torch.as_tensor(got), torch.as_tensor(value))
             ), key
     assert {g["lr"] for g in opt2.param_groups} == {3e-4}
+
+
+def test_published_neobert_layout_warm_starts_like_its_converted_model_dir(tmp_path):
+    """A dir in the chandar-lab/NeoBERT layout is told apart from an HF export by its keys and read through
+    neobert.hf.convert_original: the same weights as the model dir `convert_original` writes."""
+    from safetensors.torch import save_file
+
+    from neobert.checkpoint import load_model_dir
+    from neobert.hf.config_map import from_original_config
+    from neobert.hf.convert_original import convert_original
+    from tests.unit.neobert.hf.test_hf_export import ORIG_CONFIG, original_state_dict
+
+    cfg = from_original_config(ORIG_CONFIG, attn_backend="sdpa")
+    (tmp_path / "orig").mkdir()
+    (tmp_path / "orig" / "config.json").write_text(json.dumps(ORIG_CONFIG))
+    save_file(original_state_dict(cfg, vocab=300), str(tmp_path / "orig" / "model.safetensors"))
+    src = check_warm_start(tmp_path / "orig", dataclasses.replace(cfg, rope_theta=1e6), with_optimizer=False)
+    assert src.kind == "original" and src.checkpoint is None
+    ref = load_model_dir(convert_original(tmp_path / "orig", tmp_path / "ours")).state_dict
+    assert src.state_dict.keys() == ref.keys()
+    assert all(torch.equal(src.state_dict[k], ref[k]) for k in ref)
