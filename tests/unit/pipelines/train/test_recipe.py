@@ -271,3 +271,17 @@ def test_shipped_recipes_expand_and_are_recognized(name, tmp_path):
         assert [s.name for s in cfg.data.sources] == [s.name for s in plan.sources]
         # Ray's ScalingConfig refuses GPU resources without use_gpu (a base recipe's GPU settings must not leak)
         assert cfg.scaling.use_gpu or not cfg.scaling.resources_per_worker.get("GPU"), cfg.scaling
+
+
+def test_jobs_pretrain_runs_a_recipe_config_and_checks_it_before_ray(tmp_path, capsys):
+    """`python jobs/pretrain.py --config <recipe>` goes to the recipe job; a missing source is one error line
+    (exit 2) before Ray starts."""
+    from jobs import pretrain
+
+    argv = ["--config", str(RECIPES / "neobert_tiny.yaml"), "--data_root", str(tmp_path / "data"),
+            "--storage_path", str(tmp_path / "runs")]  # fmt: skip
+    assert pretrain.spec_for(argv) is pretrain.RECIPE_SPEC
+    assert pretrain.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("pretrain: error: phase 0 ('seq1024'): data source 'all': ")
+    assert "jobs/preprocess.py --output" in err[-1] and not (tmp_path / "runs").exists()
