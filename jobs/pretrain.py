@@ -3,6 +3,7 @@
   python jobs/pretrain.py                                   # tiny preset, embedded corpus, 2 CPU workers
   python jobs/pretrain.py --config configs/pretrain_base_1gpu.yaml --train.num_steps 200
   python jobs/pretrain.py --data.packed_dir outputs/preprocessed --train.tokens_per_micro_batch 16384
+  python jobs/pretrain.py --config configs/recipes/neobert_tiny.yaml --data_root DATA   # phases (docs/recipes.md)
   ray job submit --working-dir . -- python jobs/pretrain.py --checkpoint.storage_path /shared/runs
 
 Re-running with the same checkpoint.name and storage path resumes from the latest checkpoint. With
@@ -13,6 +14,7 @@ match it). Under `ray job submit` (RAY_ADDRESS set) it joins that cluster; other
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from pathlib import Path
@@ -21,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from pipelines import cli, contracts  # noqa: E402
 from pipelines.eval.in_training import VALIDATOR  # noqa: E402
+from pipelines.train import recipe  # noqa: E402
 from pipelines.train.pretrain import (  # noqa: E402
     DEFAULT_CONFIG,
     PretrainConfig,
@@ -72,12 +75,24 @@ SPEC = cli.JobSpec(
     load=load_pretrain_config,
     prepare=prepare,
     output_keys=("checkpoint.storage_path",),
-    input_keys=("data.packed_dir",),
+    input_keys=("data.packed_dir", "train.init_from"),
 )
 
 
+RECIPE_SPEC = recipe.job_spec(__doc__)  # --config configs/recipes/*.yaml: several phases, one run each
+
+
+def spec_for(argv: list[str]) -> cli.JobSpec:
+    """The recipe job when `--config` names a recipe (a YAML with `phases`), else the single run."""
+    return RECIPE_SPEC if recipe.recipe_config_in(argv) else SPEC
+
+
 def main(argv: list[str] | None = None) -> int:
-    return cli.main(SPEC, run, argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    spec = spec_for(argv)
+    if spec is RECIPE_SPEC:
+        return cli.main(spec, functools.partial(recipe.run_job, validator=VALIDATOR), argv)
+    return cli.main(spec, run, argv)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ starts: `ValueError` naming the dotted key, the value and the accepted range.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,11 @@ from typing import Any, Literal
 
 from neobert.config_io import deep_merge, from_dict, load_yaml_dict, parse_overrides
 
-Schedule = Literal["cosine", "linear", "constant"]
+log = logging.getLogger("neobert.train")
+
+Schedule = Literal["cosine", "linear", "constant", "wsd"]
+DecayShape = Literal["linear", "cosine", "1-sqrt"]
+Optimizer = Literal["adamw", "stable_adamw"]
 Precision = Literal["auto", "bf16", "fp32"]
 
 
@@ -32,8 +37,14 @@ class TrainSection:
     num_steps: int = 60  # optimizer steps in total (a resumed run continues up to this)
     lr: float = 1e-3
     warmup_steps: int = 10
+    # cosine | linear | constant: warmup, then decay over the rest of the run; wsd: warmup (from min_lr_ratio),
+    # stable_steps at the peak, decay_steps of decay_shape down to min_lr_ratio, held after (pipelines.train.schedule)
     schedule: Schedule = "cosine"
+    stable_steps: int = 0  # wsd only
+    decay_steps: int = 0  # wsd only; warmup_steps + stable_steps + decay_steps <= num_steps
+    decay_shape: DecayShape = "cosine"  # wsd only: linear | cosine | 1-sqrt
     min_lr_ratio: float = 0.1  # final LR = lr * min_lr_ratio
+    optimizer: Optimizer = "adamw"  # adamw (torch) | stable_adamw (torch-optimi: per-tensor update clipping)
     weight_decay: float = 0.01  # not applied to norms, biases, embeddings
     beta1: float = 0.9
     beta2: float = 0.98
@@ -54,6 +65,23 @@ class TrainSection:
             )
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"train.min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
+        if min(self.stable_steps, self.decay_steps) < 0:
+            raise ValueError(
+                f"train.stable_steps / train.decay_steps must be >= 0, got {self.stable_steps} / {self.decay_steps}"
+            )
+        if self.schedule == "wsd":
+            total = self.warmup_steps + self.stable_steps + self.decay_steps
+            if total > self.num_steps:
+                raise ValueError(
+                    f"train.warmup_steps={self.warmup_steps} + train.stable_steps={self.stable_steps} + "
+                    f"train.decay_steps={self.decay_steps} = {total} exceeds train.num_steps={self.num_steps}; "
+                    "shorten a segment or raise train.num_steps"
+                )
+        elif self.stable_steps or self.decay_steps:
+            log.warning(
+                "train.stable_steps / train.decay_steps have no effect with train.schedule=%s (only with wsd)",
+                self.schedule,
+            )
         if self.weight_decay < 0:
             raise ValueError(f"train.weight_decay must be >= 0, got {self.weight_decay}")
         for name in ("beta1", "beta2"):

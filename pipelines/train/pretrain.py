@@ -134,9 +134,19 @@ class PretrainTrainSection(TrainSection):
     mask_prob: float = 0.2  # NeoBERT: 20% of the non-special tokens
     mask_strategy: Literal["mask", "80_10_10"] = "mask"
     loss_chunk_size: int = 2048  # rows of the chunked MLM cross-entropy (bench/loss.py: <= 0.5 GiB extra)
+    # Warm start of a new run (pipelines.train.warm_start): a run, checkpoint, model or HF export dir of ours, or the
+    # published NeoBERT weights. "" = random init. A run that has a checkpoint of its own resumes from it instead.
+    init_from: str = ""
+    init_optimizer: bool = (
+        False  # also carry init_from's optimizer state (a checkpoint of the same train.optimizer)
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.init_optimizer and not self.init_from:
+            raise ValueError(
+                "train.init_optimizer=true needs train.init_from (the checkpoint to carry it from)"
+            )
         for name in ("tokens_per_micro_batch", "loss_chunk_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
@@ -276,6 +286,17 @@ class PretrainRunner(TrainRunner):
 
         cfg = self.cfg
         model = NeoBERTForMLM(cfg.model, loss_chunk_size=cfg.train.loss_chunk_size)
+        self.warm_start = None
+        if cfg.train.init_from and ray.train.get_checkpoint() is None:  # a resume loads its own checkpoint
+            from pipelines.train import warm_start
+
+            t = cfg.train
+            self.warm_start = warm_start.check_warm_start(
+                t.init_from, cfg.model, with_optimizer=t.init_optimizer, optimizer=t.optimizer
+            )
+            warm_start.load_weights(self.warm_start, model)  # before wrap_model: DDP / FSDP2 start from it
+            if self.rank == 0:
+                log.info("pretrain: warm start from %s (%s)", self.warm_start.path, self.warm_start.kind)
         if cfg.train.compile:
             model.encoder.compile_layers()
         self._data: GlobalStepSource | None = None
@@ -321,6 +342,19 @@ class PretrainRunner(TrainRunner):
             pin_memory=self.device.type == "cuda",
         )
         return self._data
+
+    def load_or_resume(self) -> None:
+        """The base's resume; a warm start with `train.init_optimizer` then loads the source's optimizer state."""
+        super().load_or_resume()
+        if self.warm_start is not None and self.cfg.train.init_optimizer:
+            from pipelines.train.warm_start import load_optimizer_state
+
+            load_optimizer_state(self.warm_start, self.ddp_model, self.optimizer)
+
+    def on_start(self) -> None:
+        """A warm start logs its eval at step 0: the loss of the loaded weights before any update."""
+        if self.warm_start is not None and self.cfg.logging.num_eval_batches:
+            self.timed(self.run_eval)
 
     def run(self) -> None:
         """The base loop; a source that runs out (`DataExhausted`) ends the run early with a final checkpoint."""
@@ -434,7 +468,8 @@ class PretrainRunner(TrainRunner):
     def trace_records(self, batches: list[PackedBatch]) -> list[dict[str, Any]]:
         """Per micro-batch its rows' keys (`row_keys`: which rows of the global order it trained on), per row a
         fingerprint of tokens + mask (`row_shas`), and of the whole micro-batch (`rows_sha`: the unmasked token
-        stream; `sha`: rows + masks). Syncs on GPU: debug and tests only."""
+        stream; `sha`: rows + masks), and its longest document segment (`max_doc_tokens`, padding left out). Syncs
+        on GPU: debug and tests only."""
         out = []
         for i, (b, mb) in enumerate(zip(batches, self._last_micro_batches, strict=True)):
             ids, labels = b.input_ids.numpy(), mb.labels.cpu().numpy()
@@ -443,9 +478,12 @@ class PretrainRunner(TrainRunner):
                 hashlib.sha256(ids[lo:hi].tobytes() + labels[lo:hi].tobytes()).hexdigest()[:12]
                 for lo, hi in itertools.pairwise(offsets)
             ]
+            cu = b.cu_seqlens.tolist()
+            real = [hi - lo for lo, hi in itertools.pairwise(cu) if hi <= offsets[-1]]
             out.append({
                 "micro": i,
                 "rows": b.num_rows,
+                "max_doc_tokens": max(real, default=0),
                 "row_keys": b.row_keys.tolist(),
                 "row_shas": row_shas,
                 "rows_sha": hashlib.sha256(ids.tobytes()).hexdigest()[:16],
@@ -648,6 +686,14 @@ def prepare_pretrain_run(cfg: PretrainConfig, *, check_inputs: bool = True) -> P
         cfg.mixture().check(cfg.data.pack_tokens)
     if saved is not None:
         check_pretrain_resume(cfg, saved)
+    elif cfg.train.init_from:
+        from pipelines.train.warm_start import check_warm_start
+
+        t = cfg.train
+        try:
+            check_warm_start(t.init_from, cfg.model, with_optimizer=t.init_optimizer, optimizer=t.optimizer)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     # No resume hook for prepare_run: its check refuses another world size, which the global order allows.
     prepare_run(cfg)
     return cfg

@@ -5,7 +5,9 @@
 What the base owns (the same for every job):
 - context: rank, world size, device (`ray.train`), one seed for the initial weights, autocast from
   `train.precision` (auto = bf16 on GPU, fp32 on CPU; bf16 = autocast on any device);
-- optimizer (AdamW, no decay on norms/biases/embeddings) and LR schedule from the shared `train.*` keys;
+- optimizer (`train.optimizer`: AdamW or StableAdamW, no decay on norms/biases/embeddings) and LR schedule
+  (`train.schedule`: cosine / linear / constant, or WSD with a linear / cosine / 1-sqrt decay) from the shared
+  `train.*` keys, both through `pipelines.train.schedule`;
 - the data seam: `open_data(state)` returns a `pipelines.train.data.StepSource`; its `state_dict()` goes into
   every checkpoint and comes back on resume;
 - the data-parallel strategy (`scaling.strategy`: DDP or FSDP2, `pipelines.train.parallel.wrap_model`): the
@@ -58,12 +60,12 @@ import numpy as np
 import torch
 
 from neobert.config_io import from_dict, to_dict
-from neobert.training import build_optimizer, build_scheduler
 from pipelines.progress import progress_line
 from pipelines.train import parallel
 from pipelines.train import run_dir as rd
 from pipelines.train.config import ConfigError, TrainJobConfig
 from pipelines.train.data import StepSource
+from pipelines.train.schedule import build_lr_scheduler, build_optimizer, segment_from_train
 from pipelines.train.sinks import METRICS_FILE, MetricSinks, RunFiles, check_tracking_packages
 from pipelines.train.validation import ValidationTracker, wait_for_ray_validations
 
@@ -153,15 +155,9 @@ class TrainRunner:
             param_dtype=torch.bfloat16 if self.use_bf16 and self.device.type == "cuda" else None,
         )
         self.optimizer = build_optimizer(
-            self.model, lr=t.lr, weight_decay=t.weight_decay, betas=(t.beta1, t.beta2), eps=t.eps
+            self.model, t.optimizer, lr=t.lr, weight_decay=t.weight_decay, betas=(t.beta1, t.beta2), eps=t.eps
         )
-        self.scheduler = build_scheduler(
-            self.optimizer,
-            warmup_steps=t.warmup_steps,
-            total_steps=t.num_steps,
-            schedule=t.schedule,
-            min_lr_ratio=t.min_lr_ratio,
-        )
+        self.scheduler = build_lr_scheduler(self.optimizer, segment_from_train(t))
         dev = self.device.type
         self.autocast: Callable[[], Any] = (
             (lambda: torch.autocast(dev, dtype=torch.bfloat16)) if self.use_bf16 else nullcontext
