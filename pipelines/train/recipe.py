@@ -47,10 +47,10 @@ window metrics, and why a share misses its weight by more than 1%) and `recipe.p
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import math
-import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
