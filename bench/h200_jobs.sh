@@ -63,9 +63,18 @@ if has recipe; then
     $B 120 python3 jobs/preprocess.py --input /tmp/corpus/mlm --output /tmp/data/pack$p --pack-tokens $p \
         --max-seq-len $p "${views[@]}" 2>&1 | tail -2
   done
+  # one H200 instead of 8 GPUs: 65,536 tokens per step, 200 + 150 steps, the phase-1 LR segment shortened alike;
+  # in-training evaluation (STS-B zero-shot, on CPUs) on every checkpoint; torch kernels (FA4 is not carried here)
+  flags=(--storage_path /tmp/recipes --pretrain.scaling.num_workers 1 --pretrain.model.ffn_autotune false
+         --pretrain.scaling.resources_per_worker "{CPU: 4, GPU: 1}"
+         --phases.seq1024.num_steps 200 --phases.seq4096.num_steps 150
+         --phases.seq1024.global_batch_tokens 65536 --phases.seq4096.global_batch_tokens 65536
+         --phases.seq1024.lr.warmup_steps 20 --phases.seq1024.lr.decay_steps 170
+         --pretrain.checkpoint.every_steps 100 --pretrain.logging.every_steps 10
+         --pretrain.logging.eval_every_steps 100 --pretrain.validation.every_steps 100
+         --pretrain.validation.tasks "[stsb]" --pretrain.validation.max_examples 256 --pretrain.validation.num_gpus 0)
   t0=$(date +%s)
-  $B 420 python3 jobs/pretrain.py --config configs/recipes/neobert.yaml --data_root /tmp/data \
-      --storage_path /tmp/recipes ${RECIPE_FLAGS:-} 2>&1 | tee "$OUT/recipe.log" | grep -vE "^\(|Warning|warn" | tail -25
+  $B 430 python3 jobs/pretrain.py --config configs/recipes/neobert.yaml --data_root /tmp/data "${flags[@]}" 2>&1 | tee "$OUT/recipe.log" | grep -vE "^\(|Warning|warn" | tail -25
   echo "recipe wall s: $(( $(date +%s) - t0 ))"
   d=/tmp/recipes/neobert; cp $d/phases.json "$OUT/recipe_phases.json"; cp $d/recipe.png "$OUT/" 2>/dev/null
   cat $d/phase-*/metrics.jsonl > "$OUT/recipe_metrics.jsonl" 2>/dev/null || find $d -name metrics.jsonl | head
