@@ -111,6 +111,13 @@ class Encoder(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
+    def autocast(self):
+        """The precision the encoder computes in: NeoBERT's varlen kernels need bf16 on CUDA (its weights stay
+        fp32, as in training); elsewhere, and for other encoders, fp32."""
+        dev = self.device.type
+        use = isinstance(self, NeoBERTEncoder) and dev == "cuda"
+        return torch.autocast(dev, dtype=torch.bfloat16, enabled=use)
+
 
 class NeoBERTEncoder(Encoder):
     def __init__(self, name: str, encoder: nn.Module, *, mlm: nn.Module | None = None, tokenizer_path=None):
@@ -133,8 +140,9 @@ class NeoBERTEncoder(Encoder):
         flat, lengths, _ = pack_token_lists(ids, min(max_seq_len, self.max_positions))
         dev = self.device
         meta = PackedMeta.from_lengths(lengths, device=dev)
-        hidden_TD = self.backbone(torch.from_numpy(flat).to(dev), meta)
-        return pool_sequences(hidden_TD, meta.cu_seqlens, "mean")  # (N, D) fp32
+        with self.autocast():
+            hidden_TD = self.backbone(torch.from_numpy(flat).to(dev), meta)
+        return pool_sequences(hidden_TD.float(), meta.cu_seqlens, "mean")  # (N, D) fp32
 
 
 class HFEncoder(Encoder):

@@ -53,7 +53,7 @@ class InTrainingEvalConfig(ValidationSection):
 
 
 def score_model_dir(
-    path: str | Path, *, tasks: list[str], max_examples: int, seeds: list[int]
+    path: str | Path, *, tasks: list[str], max_examples: int, seeds: list[int], device=None
 ) -> dict[str, float]:
     """{`val/<task>/<metric>`: mean over seeds} for a model dir / checkpoint dir; `val/seconds` the wall time."""
     import numpy as np
@@ -64,7 +64,7 @@ def score_model_dir(
     t0 = time.perf_counter()
     ref = resolve_model(str(path))
     recipes = load_recipes()
-    base = load_encoder(ref)
+    base = load_encoder(ref, device)
     out: dict[str, float] = {}
     for task in tasks:
         runs = []
@@ -83,6 +83,23 @@ def score_model_dir(
         out[f"{PREFIX}/step"] = step
     out[f"{PREFIX}/seconds"] = time.perf_counter() - t0
     return out
+
+
+def task_device():
+    """The device of a validation task: CUDA only when Ray gave the task a GPU (`validation.num_gpus` > 0); a task
+    without one still sees the node's GPUs, which belong to the training workers. Outside Ray: CUDA when present."""
+    import ray
+    import torch
+
+    from pipelines.eval.encoders import default_device
+
+    if (
+        ray.is_initialized()
+        and ray.get_runtime_context().worker.mode == ray.WORKER_MODE
+        and not ray.get_gpu_ids()
+    ):
+        return torch.device("cpu")
+    return default_device()
 
 
 def checkpoint_step(checkpoint_dir: str | Path) -> int | None:
@@ -111,7 +128,9 @@ def validate_checkpoint(
     with checkpoint.as_directory() as d:
         step = checkpoint_step(d)
         try:
-            scores = score_model_dir(d, tasks=tasks, max_examples=max_examples, seeds=seeds)
+            scores = score_model_dir(
+                d, tasks=tasks, max_examples=max_examples, seeds=seeds, device=task_device()
+            )
         except Exception as e:
             if results_dir is not None and step is not None:
                 write_result(

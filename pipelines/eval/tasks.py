@@ -236,7 +236,8 @@ def mlm_heldout(enc: Encoder, r: dict, *, max_examples: int = 0) -> dict[str, fl
             special_ids=SPECIAL_IDS, vocab_size=model.config.vocab_size,
         )  # fmt: skip
         meta = PackedMeta(b.cu_seqlens, b.max_seqlen, b.position_ids).to(dev)
-        out = model(ids.to(dev), meta, labels.to(dev))
+        with enc.autocast():
+            out = model(ids.to(dev), meta, labels.to(dev))
         loss_sum += float(out.loss_sum)
         correct += float(out.num_correct)
         masked += float(out.num_masked)

@@ -79,3 +79,15 @@ def test_hf_export_dir_embeds_like_its_model_dir(tiny_model_dir, tmp_path):
     a = load_encoder(ref, torch.device("cpu")).embed(texts, max_seq_len=32)
     b = load_encoder(resolve_model(str(tiny_model_dir)), torch.device("cpu")).embed(texts, max_seq_len=32)
     np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_neobert_encoder_on_cuda_computes_in_bf16_and_matches_cpu():
+    """On CUDA the varlen kernels refuse fp32 q/k/v: the encoder runs its NeoBERT model under bf16 autocast (weights
+    fp32, as in training) and its embeddings match the fp32 CPU ones up to bf16 rounding."""
+    texts = ["a short sentence", "another, slightly longer sentence about the weather today"]
+    cpu = load_encoder(resolve_model("random:tiny"), torch.device("cpu")).embed(texts, max_seq_len=64)
+    gpu = load_encoder(resolve_model("random:tiny"), torch.device("cuda")).embed(texts, max_seq_len=64)
+    cos = (cpu * gpu).sum(1) / np.linalg.norm(cpu, axis=1) / np.linalg.norm(gpu, axis=1)
+    assert cos.min() > 0.999, cos
