@@ -104,6 +104,29 @@ def check_tracking_packages(cfg: Any) -> None:
                 f"{setting} needs the {package} package: `pip install -e .[tracking]` (or `pip install {package}`), "
                 f"or {off}"
             )
+    check_mlflow_store(lg.mlflow_tracking_uri)
+
+
+def check_mlflow_store(uri: str) -> None:
+    """MLflow 3 refuses a plain directory (file store) as tracking URI unless MLFLOW_ALLOW_FILE_STORE=true: say so
+    on the driver, with the fixes, instead of failing on every worker after Ray has started."""
+    import os
+
+    scheme = uri.split("://", 1)[0] if "://" in uri else ""
+    if (
+        not uri
+        or scheme not in ("", "file")
+        or os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() == "true"
+    ):
+        return
+    import mlflow
+
+    if int(mlflow.__version__.split(".")[0]) >= 3:
+        raise ValueError(
+            f"logging.mlflow_tracking_uri={uri!r} is a directory (MLflow's file store), which MLflow "
+            f"{mlflow.__version__} refuses: use a database, e.g. 'sqlite:///{uri.removeprefix('file://')}/mlflow.db', "
+            "a tracking server (http://...), or set MLFLOW_ALLOW_FILE_STORE=true on the driver and the workers"
+        )
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -305,3 +305,18 @@ def test_failure_injection_rule_is_one_for_every_job(tmp_path, mode, rank, step,
         runner = TrainRunner.__new__(TrainRunner)
         runner.cfg, runner.rank, runner.world, runner.step, runner.resumed = cfg, rank, 2, step, resumed
         assert {m for m in ("raise", "kill", "kill_in_checkpoint") if runner.injecting(m)} == due
+
+
+def test_mlflow_file_store_is_refused_on_the_driver_with_the_fixes(monkeypatch, tmp_path):
+    """MLflow 3 refuses a directory as tracking URI: the driver says so, with the fixes, before Ray starts."""
+    mlflow = pytest.importorskip("mlflow")
+    from pipelines.train.sinks import check_mlflow_store
+
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    if int(mlflow.__version__.split(".")[0]) < 3:
+        pytest.skip("MLflow < 3 still takes a file store")
+    with pytest.raises(ValueError, match=r"sqlite:///.*mlflow\.db.*MLFLOW_ALLOW_FILE_STORE=true"):
+        check_mlflow_store(f"file://{tmp_path}")
+    check_mlflow_store(f"sqlite:///{tmp_path}/mlflow.db")  # a database is fine
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    check_mlflow_store(str(tmp_path))  # the user opted in
