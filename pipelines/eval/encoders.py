@@ -112,11 +112,8 @@ class Encoder(nn.Module):
         return next(self.parameters()).device
 
     def autocast(self):
-        """The precision the encoder computes in: NeoBERT's varlen kernels need bf16 on CUDA (its weights stay
-        fp32, as in training); elsewhere, and for other encoders, fp32."""
-        dev = self.device.type
-        use = isinstance(self, NeoBERTEncoder) and dev == "cuda"
-        return torch.autocast(dev, dtype=torch.bfloat16, enabled=use)
+        """The precision the encoder computes in: fp32 (NeoBERTEncoder: bf16 autocast on CUDA)."""
+        return torch.autocast(self.device.type, enabled=False)
 
 
 class NeoBERTEncoder(Encoder):
@@ -130,6 +127,11 @@ class NeoBERTEncoder(Encoder):
         self.dim = encoder.config.hidden_size
         self.max_positions = encoder.config.max_position_embeddings
         self.tokenizer = load_tokenizer(tokenizer_path)
+
+    def autocast(self):
+        """NeoBERT's varlen kernels need bf16 on CUDA: autocast there (the weights stay fp32, as in training)."""
+        dev = self.device.type
+        return torch.autocast(dev, dtype=torch.bfloat16, enabled=dev == "cuda")
 
     def encode(self, texts: list[str], max_seq_len: int) -> torch.Tensor:
         from neobert.contrastive import pool_sequences
