@@ -493,12 +493,15 @@ def build_trainer(cfg: ContrastiveConfig, rows, pairs: MixtureSection):
     """A `TorchTrainer` over the validated `rows` (a lazy Ray Dataset): one train dataset per source of `pairs`
     and the held-out split; nothing is split between workers (every worker reads each source in full, in file
     order, and keeps its part of the global order)."""
+    from ray.data.expressions import col
     from ray.train.torch import TorchTrainer
 
     d = cfg.data
+    # A filter expression right after the read is pushed into the Parquet scan (row groups of other sources are
+    # skipped by their statistics), so each source's dataset reads about its own rows, not the whole dir.
     datasets = {
-        source_dataset_name(s.name): rows.map_batches(
-            SplitRows(d.eval_fraction, held_out=False, source=s.name), batch_format="pyarrow", batch_size=None
+        source_dataset_name(s.name): rows.filter(expr=col("source") == s.name).map_batches(
+            SplitRows(d.eval_fraction, held_out=False), batch_format="pyarrow", batch_size=None
         )
         for s in pairs.sources
     }

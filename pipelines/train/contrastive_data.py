@@ -76,16 +76,14 @@ def sort_rows(table: pa.Table) -> pa.Table:
 
 class SplitRows:
     """Ray Data step (`map_batches(..., batch_format="pyarrow")`): the train (`held_out=False`) or held-out rows
-    of a batch of validated rows (of one `source`, if given), the `ROW_COLUMNS` only."""
+    of a batch of validated rows, the `ROW_COLUMNS` only."""
 
-    def __init__(self, eval_fraction: float, *, held_out: bool, source: str | None = None) -> None:
-        self.eval_fraction, self.held_out, self.source = eval_fraction, held_out, source
+    def __init__(self, eval_fraction: float, *, held_out: bool) -> None:
+        self.eval_fraction, self.held_out = eval_fraction, held_out
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         check_columns(batch)
         batch = batch.select(list(ROW_COLUMNS))
-        if self.source is not None:  # one source's rows only
-            batch = batch.filter(pa.compute.equal(batch.column("source"), self.source))
         mask = eval_mask(batch, self.eval_fraction)
         return batch.filter(pa.array(mask if self.held_out else ~mask, type=pa.bool_()))
 

@@ -121,9 +121,6 @@ def test_split_rows_step_matches_the_table_split():
     got_held = ct.SplitRows(0.2, held_out=True)(t)
     assert sorted(got_train.column("query").to_pylist()) == sorted(train.column("query").to_pylist())
     assert sorted(got_held.column("query").to_pylist()) == sorted(held.column("query").to_pylist())
-    two = pa.concat_tables([t, _source_rows("z", 50)])
-    only_z = ct.SplitRows(0.2, held_out=False, source="z")(two)
-    assert set(only_z.column("source").to_pylist()) == {"z"} and 25 < only_z.num_rows < 50
 
 
 def test_hard_negatives_follow_the_row_key_not_the_rank(collate):
