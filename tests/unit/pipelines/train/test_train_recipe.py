@@ -70,7 +70,11 @@ def test_modernbert_tiny_expands_theta_mask_wsd_and_optimizer_carry(tmp_path):
     assert all(p.config["train"]["mask_prob"] == 0.3 for p in plans)
     assert all(p.config["train"]["optimizer"] == "stable_adamw" for p in plans)
     assert [p.config["train"]["init_optimizer"] for p in plans] == [False, True, True]
-    assert [p.num_steps for p in plans] == [6, 4, 3]  # num_tokens / global_batch_tokens
+    assert [p.num_steps for p in plans] == [6, 4, 3]  # num_tokens through the batch schedule of each phase
+    # phase 1 warms its batch up 8 -> 16 -> 24 rows (2 steps each); the others hold their global batch
+    assert [plans[0].ramp.rows(s) for s in range(7)] == [8, 8, 16, 16, 24, 24, 24]
+    assert [p.ramp.enabled for p in plans] == [True, False, False]
+    assert plans[0].config["train"]["batch_warmup_start_tokens"] == 512
     seg = [p.segment for p in plans]
     assert (seg[0].kind, seg[0].warmup_steps, seg[0].stable_steps, seg[0].decay_steps) == ("wsd", 2, 4, 0)
     assert (seg[2].decay_shape, seg[2].decay_steps, seg[2].min_lr_ratio) == ("1-sqrt", 3, 0.0)
@@ -81,7 +85,7 @@ def test_modernbert_tiny_expands_theta_mask_wsd_and_optimizer_carry(tmp_path):
     assert lr.lr_at(end2 - 1) == lr.lr_at(end2) == 1e-3
     assert lr.lr_at(lr.num_steps - 1) == pytest.approx(1e-3 * (1 - (2 / 3) ** 0.5))
     cfg = to_pretrain_config(plans[1])
-    assert cfg.train.optimizer == "stable_adamw" and cfg.train.init_optimizer and cfg.num_micro_batches == 2
+    assert cfg.train.optimizer == "stable_adamw" and cfg.train.init_optimizer and cfg.num_micro_batches == 4
     assert cfg.data.sources == [] or cfg.data.sources[0].name == "all"
 
 
