@@ -3,14 +3,21 @@
     sources (packed dirs) --(each worker reads every source in full, file and row order)--> per source, epoch e:
       windows of `shuffle_window_rows` input rows, each permuted by (seed, source, e, window)  = the epoch order
     -> token-deficit interleaving of the sources                                              = the global order
-    -> global step s = the next R = global_batch_tokens // pack_tokens rows of the global order
-    -> rank r of W takes rows [r*A*m, (r+1)*A*m) of the step: A micro-batches of m = rows_per_micro_batch rows
+    -> global step s = the next rows(s) rows of the global order (`BatchRamp`: R = global_batch_tokens //
+       pack_tokens at every step, or with a batch-size warmup k x S rows at the k-th level, then R)
+    -> rank r of W takes rows [r*A*m, (r+1)*A*m) of the step: A = rows(s) / (W*m) micro-batches of
+       m = rows_per_micro_batch rows
 
-Every function of that chain depends only on (seed, sources, their weights and `shuffle_window_rows`), never on
-the world size W, the micro-batch size m or the accumulation A, so the state (`StepSource.state_dict`) is the
-GLOBAL position: per source the epoch and the rows consumed in it, the tokens consumed, the global step. A run
-stopped on W workers resumes on W' (or with another m) at the next unseen row: no row lost or repeated, and every
-later global step holds the same rows as in the uninterrupted run (the rank that trains a row may change).
+Every function of that chain depends only on (seed, sources, their weights, `shuffle_window_rows` and the batch
+config), never on the world size W, the micro-batch size m or the accumulation A, so the state
+(`StepSource.state_dict`) is the GLOBAL position: per source the epoch and the rows consumed in it, the tokens
+consumed, the global step (and the ramp, which a resume must keep). A run stopped on W workers resumes on W' (or
+with another m) at the next unseen row: no row lost or repeated, and every later global step holds the same rows
+as in the uninterrupted run (the rank that trains a row may change), inside a batch warmup too.
+
+Batch-size warmup: the rows of step s are a closed-form function of s (`BatchRamp.rows`), so the global order is
+the same whatever the warmup; only where it is cut into steps changes. Every level is a multiple of the start S,
+so S (not only R) must split into W x m on every world size of the run (`BatchRamp.check_split`).
 
 Reading. Every worker reads every source's whole Ray Dataset (`ray.train.get_dataset_shard` of a dataset that
 `DataConfig(datasets_to_split=[])` does NOT split; `preserve_order=True`, so each worker sees the same rows in
