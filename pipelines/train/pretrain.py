@@ -9,9 +9,9 @@ Data: one Ray Dataset per train source (`data.sources`: packed dirs of jobs/prep
 none listed = one source "train" from `data.packed_dir`, or built on the fly from raw text by
 `pipelines.mlm.preprocess.build_packed_datasets`) plus "eval". The train sources reach the runner through
 `pipelines.train.data.GlobalStepSource`: a global row order that depends on (seed, sources, shuffle window) only,
-`train.global_batch_tokens` per step whatever the world size and micro-batch size (or, with a batch-size warmup,
-the budget `BatchRamp.tokens(s)` of step s: `train.batch_warmup_*`; the accumulation is derived per step), so a run resumes on another worker count or micro-batch size at the next unseen row (see
-docs/data_order.md). "eval" is not split: rank r evaluates micro-batches r, r+W, ... of the (unshuffled) eval set,
+`train.global_batch_tokens` per step whatever the world size and micro-batch size (or, with a batch-size warmup
+`train.batch_warmup_*`, the budget `BatchRamp.tokens(s)` of step s; the accumulation is derived per step), so a
+run resumes on another worker count or micro-batch size at the next unseen row (see docs/data_order.md). "eval" is not split: rank r evaluates micro-batches r, r+W, ... of the (unshuffled) eval set,
 and the sums are all-reduced.
 
 Masking runs on the CPU row by row: the generator of a packed row is seeded by `row_mask_seed(train.seed,
