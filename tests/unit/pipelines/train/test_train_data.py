@@ -426,7 +426,9 @@ def test_ramp_refusals_name_the_keys_and_a_value_that_works():
         BatchRamp.from_tokens(12 * PACK, PACK, 5 * PACK, 100)  # 5 rows do not divide 12
     with pytest.raises(ValueError, match="start_tokens=80"):  # the caller's key names
         BatchRamp.from_tokens(12 * PACK, PACK, 5 * PACK, 100, keys=("start_tokens", "tokens", "global"))
-    with pytest.raises(ValueError, match=r"train\.batch_warmup_start_tokens=64 and train\.batch_warmup_tokens=0"):
+    with pytest.raises(
+        ValueError, match=r"train\.batch_warmup_start_tokens=64 and train\.batch_warmup_tokens=0"
+    ):
         mixture(*TWO, gbt=12 * PACK, batch_warmup_start_tokens=64).check(PACK)
     with pytest.raises(ValueError, match="make it a multiple of 3 rows"):  # 4 start rows on 3 workers
         GlobalStepSource(ramp_cfg(), opener(), pack_tokens=PACK, rows_per_micro_batch=1, world_size=3)
