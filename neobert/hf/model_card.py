@@ -6,8 +6,9 @@ Sources, in order of trust:
   contrastive run `config`, `converted_from`, `demo`, and, when a caller recorded them, `tokens_seen` and
   `train_data` (a list of `{"name", "license"}`));
 - for a pretraining checkpoint, `train_state.json` beside `model/` (its step and run config: the data the run
-  read and its token budget, steps x `train.global_batch_tokens`, an upper bound because packed rows keep a
-  little padding);
+  read and its token budget: `tokens_planned`, the planned budget of the steps run (which follows a batch-size
+  warmup), or steps x `train.global_batch_tokens` for runs that did not record it; an upper bound because packed
+  rows keep a little padding);
 - the evaluation harness's `results.json` (`{model: {task: {metric: value}}}`), given explicitly or found beside
   the checkpoint (the model dir, or the checkpoint dir holding `model/`).
 Nothing is invented: a fact that no source has is written as "not recorded".
@@ -120,8 +121,14 @@ def training_facts(md: Any) -> TrainingFacts:
             facts.steps = state.get("step", facts.steps)
             facts.data, facts.data_note = _pretrain_data(run_cfg)
             t = run_cfg.get("train") or {}
-            if facts.steps is not None and t.get("global_batch_tokens"):
-                # every global step holds global_batch_tokens / pack_tokens packed rows of <= pack_tokens tokens
+            if state.get("tokens_planned") is not None:
+                # the runner's sum of every step's budget (rows of <= pack_tokens tokens), batch warmup included
+                facts.tokens_seen = int(state["tokens_planned"])
+                facts.tokens_note = (
+                    "upper bound: the planned token budget of the steps run (packed rows may hold padding)"
+                )
+            elif facts.steps is not None and t.get("global_batch_tokens"):
+                # older runs: every global step held global_batch_tokens / pack_tokens packed rows
                 facts.tokens_seen = facts.steps * t["global_batch_tokens"]
                 facts.tokens_note = "upper bound: steps x global batch tokens (packed rows may hold padding)"
     if "tokens_seen" in extra:  # recorded by the caller of save_model_dir: exact

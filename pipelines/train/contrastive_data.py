@@ -9,7 +9,8 @@ train pairs, read in full and in file order by every worker (not split); the glo
 pretraining (docs/data_order.md): per source and epoch a seeded window shuffle, then the deficit interleaving of the
 sources, here counting PAIRS (every row weighs 1) with source weights rows**alpha (alpha=1: as in the data,
 alpha=0: uniform over sources; `source_weights`). Sources repeat (a new epoch, newly shuffled, at their end).
-Global step s takes the next `global_batch_size` pairs; rank r of W trains pairs [r*G/W, (r+1)*G/W) of them. With
+Global step s takes the next `global_batch_size` pairs (always: the batch-size warmup of pretraining,
+`pipelines.train.data.BatchRamp`, is not offered here; `pair_mixture` leaves it off); rank r of W trains pairs [r*G/W, (r+1)*G/W) of them. With
 `one_source_per_batch` the whole global batch comes from the one source the deficit rule picks (in-batch negatives
 from another source are trivially easy). Nothing depends on W: the state (`state_dict()`) is the global position,
 so a run resumes on any number of workers at the next unseen pair.
@@ -283,10 +284,10 @@ class ContrastiveStepSource(GlobalStepSource):
             world_size=world_size, state=state, max_steps=max_steps, validate=False, pin_memory=pin_memory,
         )  # fmt: skip
 
-    def _global_rows(self) -> list:
+    def _global_rows(self, n: int) -> list:
         if self.one_source_per_batch:
-            return self.order.next_rows_one_source(self.R)
-        return super()._global_rows()
+            return self.order.next_rows_one_source(n)
+        return super()._global_rows(n)
 
     def _snapshot(self, step: int) -> dict[str, Any]:
         return {**super()._snapshot(step), "kind": STATE_KIND}

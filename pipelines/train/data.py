@@ -3,14 +3,21 @@
     sources (packed dirs) --(each worker reads every source in full, file and row order)--> per source, epoch e:
       windows of `shuffle_window_rows` input rows, each permuted by (seed, source, e, window)  = the epoch order
     -> token-deficit interleaving of the sources                                              = the global order
-    -> global step s = the next R = global_batch_tokens // pack_tokens rows of the global order
-    -> rank r of W takes rows [r*A*m, (r+1)*A*m) of the step: A micro-batches of m = rows_per_micro_batch rows
+    -> global step s = the next rows(s) rows of the global order (`BatchRamp`: R = global_batch_tokens //
+       pack_tokens at every step, or with a batch-size warmup k x S rows at the k-th level, then R)
+    -> rank r of W takes rows [r*A*m, (r+1)*A*m) of the step: A = rows(s) / (W*m) micro-batches of
+       m = rows_per_micro_batch rows
 
-Every function of that chain depends only on (seed, sources, their weights and `shuffle_window_rows`), never on
-the world size W, the micro-batch size m or the accumulation A, so the state (`StepSource.state_dict`) is the
-GLOBAL position: per source the epoch and the rows consumed in it, the tokens consumed, the global step. A run
-stopped on W workers resumes on W' (or with another m) at the next unseen row: no row lost or repeated, and every
-later global step holds the same rows as in the uninterrupted run (the rank that trains a row may change).
+Every function of that chain depends only on (seed, sources, their weights, `shuffle_window_rows` and the batch
+config), never on the world size W, the micro-batch size m or the accumulation A, so the state
+(`StepSource.state_dict`) is the GLOBAL position: per source the epoch and the rows consumed in it, the tokens
+consumed, the global step (and the ramp, which a resume must keep). A run stopped on W workers resumes on W' (or
+with another m) at the next unseen row: no row lost or repeated, and every later global step holds the same rows
+as in the uninterrupted run (the rank that trains a row may change), inside a batch warmup too.
+
+Batch-size warmup: the rows of step s are a closed-form function of s (`BatchRamp.rows`), so the global order is
+the same whatever the warmup; only where it is cut into steps changes. Every level is a multiple of the start S,
+so S (not only R) must split into W x m on every world size of the run (`BatchRamp.check_split`).
 
 Reading. Every worker reads every source's whole Ray Dataset (`ray.train.get_dataset_shard` of a dataset that
 `DataConfig(datasets_to_split=[])` does NOT split; `preserve_order=True`, so each worker sees the same rows in
@@ -44,6 +51,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import queue
 import re
 import threading
@@ -122,6 +130,9 @@ class MixtureSection:
     shuffle_window_rows: int = 1024  # rows permuted together per source (0 = file order); see the module doc
     seed: int = 0  # seeds the window permutations
     prefetch_steps: int = 2  # global steps assembled ahead by a background thread per worker
+    # Batch-size warmup (`BatchRamp`; both 0 = off): the first step holds this many tokens, each level adds as many
+    batch_warmup_start_tokens: int = 0
+    batch_warmup_tokens: int = 0  # tokens the warmup spans (sets the steps per level)
 
     def __post_init__(self) -> None:
         names = [s.name for s in self.sources]
@@ -146,10 +157,18 @@ class MixtureSection:
                 f"(a global step is a whole number of packed rows); set it to e.g. "
                 f"{max(1, round(self.global_batch_tokens / pack_tokens)) * pack_tokens}"
             )
+        self.ramp(pack_tokens)
 
     def rows_per_step(self, pack_tokens: int) -> int:
+        """Rows of a step at the full global batch (after any warmup)."""
         self.check(pack_tokens)
         return self.global_batch_tokens // pack_tokens
+
+    def ramp(self, pack_tokens: int) -> BatchRamp:
+        """The rows of every global step (`BatchRamp`; flat unless the batch_warmup keys are set)."""
+        return BatchRamp.from_tokens(
+            self.global_batch_tokens, pack_tokens, self.batch_warmup_start_tokens, self.batch_warmup_tokens
+        )
 
 
 def plan_accumulation(
@@ -171,6 +190,189 @@ def plan_accumulation(
             f"tokens_per_micro_batch so that workers x rows_per_micro_batch divides {rows}"
         )
     return rows // per_pass
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Batch-size warmup: rows of global step s
+# ----------------------------------------------------------------------------------------------------------------
+WARMUP_KEYS = ("train.batch_warmup_start_tokens", "train.batch_warmup_tokens", "train.global_batch_tokens")
+
+
+@dataclass(frozen=True)
+class BatchRamp:
+    """The number of packed rows of global step s (0-based), a function of s and the config only.
+
+    Levels are k x S rows for k = 1..K (S = start_rows, K = full_rows / S); levels 1..K-1 (the warmup) last
+    `steps_per_level` = n steps each, from step (K-1) x n on every step holds full_rows = R rows. S is both the
+    first batch and the increment (ModernBERT: 768 -> 4,608 sequences in steps of 768). n is chosen so that the
+    warmup spans about `batch_warmup_tokens`: n = max(1, round(warmup / (pack x S x K(K-1)/2))). A flat ramp (no
+    warmup) is K = 1: every step holds R rows. Every level is a multiple of S, so S is the granule that every
+    world size W x rows per micro-batch m of the run must divide (`check_split`); the accumulation of step s is
+    rows(s) / (W x m), the same on every rank.
+    """
+
+    pack_tokens: int
+    full_rows: int  # R: rows of a step after the warmup (global_batch_tokens / pack_tokens)
+    start_rows: int  # S: rows of the first level and of every increment (= R: flat)
+    steps_per_level: int = 0  # n: steps of each warmup level (0 when flat)
+
+    def __post_init__(self) -> None:
+        assert self.pack_tokens >= 1 and self.start_rows >= 1 and self.full_rows % self.start_rows == 0, self
+        assert (self.steps_per_level >= 1) == (self.start_rows < self.full_rows), self
+
+    @classmethod
+    def flat(cls, full_rows: int, pack_tokens: int) -> BatchRamp:
+        return cls(pack_tokens, full_rows, full_rows, 0)
+
+    @classmethod
+    def from_tokens(
+        cls, global_batch_tokens: int, pack_tokens: int, start_tokens: int = 0, warmup_tokens: int = 0,
+        *, keys: tuple[str, str, str] = WARMUP_KEYS,
+    ) -> BatchRamp:  # fmt: skip
+        """The ramp of a config; ValueError naming `keys` (start, warmup, global batch) and a value that works."""
+        k_start, k_warm, k_global = keys
+        if global_batch_tokens < 1 or global_batch_tokens % pack_tokens:
+            raise ValueError(
+                f"{k_global}={global_batch_tokens} is not a positive multiple of pack_tokens={pack_tokens} (a global "
+                f"step is a whole number of packed rows); set it to e.g. "
+                f"{max(1, round(global_batch_tokens / pack_tokens)) * pack_tokens}"
+            )
+        full = global_batch_tokens // pack_tokens
+        if start_tokens < 0 or warmup_tokens < 0:
+            raise ValueError(f"{k_start} and {k_warm} must be >= 0, got {start_tokens} and {warmup_tokens}")
+        if (start_tokens > 0) != (warmup_tokens > 0):
+            raise ValueError(
+                f"{k_start}={start_tokens} and {k_warm}={warmup_tokens}: set both (> 0) for a batch-size warmup, "
+                "or neither (0: every step holds the full global batch)"
+            )
+        if not start_tokens:
+            return cls.flat(full, pack_tokens)
+        if start_tokens % pack_tokens:
+            raise ValueError(
+                f"{k_start}={start_tokens} is not a multiple of pack_tokens={pack_tokens} (every level of the "
+                f"warmup is a whole number of packed rows); set it to e.g. "
+                f"{max(1, round(start_tokens / pack_tokens)) * pack_tokens}"
+            )
+        if start_tokens >= global_batch_tokens or global_batch_tokens % start_tokens:
+            good = [d * pack_tokens for d in range(1, full) if full % d == 0]
+            near = min(good, key=lambda v: abs(v - start_tokens)) if good else None
+            raise ValueError(
+                f"{k_start}={start_tokens} must be smaller than {k_global}={global_batch_tokens} and divide it (the "
+                f"warmup rises in steps of the start batch up to the full batch); "
+                + (f"set it to e.g. {near}" if near else f"raise {k_global} to a multiple of it")
+            )
+        start = start_tokens // pack_tokens
+        levels = full // start
+        n = max(1, round(warmup_tokens / (pack_tokens * start * levels * (levels - 1) / 2)))
+        return cls(pack_tokens, full, start, n)
+
+    @property
+    def enabled(self) -> bool:
+        return self.start_rows < self.full_rows
+
+    @property
+    def num_levels(self) -> int:
+        """K: the warmup levels plus the full batch (1 when flat)."""
+        return self.full_rows // self.start_rows
+
+    @property
+    def warmup_steps(self) -> int:
+        """Steps before the first step at the full batch."""
+        return (self.num_levels - 1) * self.steps_per_level
+
+    def rows(self, step: int) -> int:
+        """Packed rows of global step `step` (0-based)."""
+        if step >= self.warmup_steps:
+            return self.full_rows
+        return (step // self.steps_per_level + 1) * self.start_rows
+
+    def tokens(self, step: int) -> int:
+        """The token budget of global step `step` (0-based): rows(step) x pack_tokens."""
+        return self.rows(step) * self.pack_tokens
+
+    def tokens_through(self, num_steps: int) -> int:
+        """The planned token budget of the first `num_steps` steps, sum of tokens(s) for s < num_steps (closed form)."""
+        if num_steps <= 0:
+            return 0
+        w, n, S = self.warmup_steps, self.steps_per_level, self.start_rows
+        if num_steps >= w:
+            k = self.num_levels
+            rows = S * n * k * (k - 1) // 2 + (num_steps - w) * self.full_rows
+        else:
+            q, r = divmod(num_steps, n)  # q whole levels (1..q), then r steps of level q + 1
+            rows = S * (n * q * (q + 1) // 2 + r * (q + 1))
+        return rows * self.pack_tokens
+
+    def steps_for_tokens(self, tokens: int) -> int:
+        """The fewest steps (>= 1) whose planned budget reaches `tokens` (the last step may overshoot)."""
+        w = self.warmup_steps
+        warm = self.tokens_through(w)
+        if tokens >= warm:
+            return max(1, w + math.ceil((tokens - warm) / (self.full_rows * self.pack_tokens)))
+        lo, hi = 0, w  # tokens_through(lo) < tokens <= tokens_through(hi)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if self.tokens_through(mid) < tokens else (lo, mid)
+        return max(1, hi)
+
+    def levels(self) -> list[tuple[int, int, int | None]]:
+        """(rows, first step, steps or None for the last) of every level, in order."""
+        n = self.steps_per_level
+        out: list[tuple[int, int, int | None]] = [
+            (k * self.start_rows, (k - 1) * n, n) for k in range(1, self.num_levels)
+        ]
+        return [*out, (self.full_rows, self.warmup_steps, None)]
+
+    def check_split(self, world_size: int, rows_per_micro_batch: int) -> None:
+        """ValueError unless every level splits into `world_size` x `rows_per_micro_batch` rows (S must)."""
+        per_pass = world_size * rows_per_micro_batch
+        if world_size < 1 or rows_per_micro_batch < 1 or self.start_rows % per_pass:
+            what = "the warmup's start batch" if self.enabled else "a global step"
+            raise ValueError(
+                f"{what} is {self.start_rows} rows of pack_tokens={self.pack_tokens}, which {world_size} workers x "
+                f"{rows_per_micro_batch} rows per micro-batch do not divide; make it a multiple of "
+                f"{per_pass} rows"
+            )
+
+    def accumulation(self, step: int, world_size: int, rows_per_micro_batch: int) -> int:
+        """Micro-batches per rank of global step `step`: rows(step) / (world_size x rows_per_micro_batch)."""
+        return self.rows(step) // (world_size * rows_per_micro_batch)
+
+    def describe(self, world_size: int, rows_per_micro_batch: int) -> str:
+        """One line: the levels, steps per level and accumulation at each level on `world_size` workers."""
+        per = world_size * rows_per_micro_batch
+        parts = [
+            f"{rows} rows ({rows * self.pack_tokens} tokens, {rows // per} micro-batches per worker)"
+            + (f" for {steps} steps" if steps is not None else " from then on")
+            for rows, _, steps in self.levels()
+        ]
+        if not self.enabled:
+            rows = self.full_rows
+            return f"no batch warmup: {rows} rows ({rows * self.pack_tokens} tokens, {rows // per} micro-batches per worker) every step"
+        return (
+            f"batch warmup over {self.warmup_steps} steps ({self.tokens_through(self.warmup_steps)} tokens), "
+            f"{self.steps_per_level} steps per level: " + " -> ".join(parts)
+        )
+
+    def identity(self) -> dict[str, int]:
+        """What a resume must keep (stored in the data state): the rows of every step."""
+        return {
+            "full_rows": self.full_rows,
+            "start_rows": self.start_rows,
+            "steps_per_level": self.steps_per_level,
+        }
+
+    @staticmethod
+    def restore_hint(identity: dict[str, int], pack_tokens: int) -> str:
+        """The settings that give back the ramp of `identity` (for an error message)."""
+        S, R, n = identity["start_rows"], identity["full_rows"], identity["steps_per_level"]
+        if S == R:
+            return f"{WARMUP_KEYS[0]}: 0 and {WARMUP_KEYS[1]}: 0 (no warmup)"
+        k = R // S
+        return (
+            f"{WARMUP_KEYS[0]}: {S * pack_tokens} and {WARMUP_KEYS[1]}: {n * pack_tokens * S * k * (k - 1) // 2} "
+            f"({n} steps per level)"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -509,7 +711,7 @@ def order_identity(cfg: MixtureSection) -> dict[str, Any]:
 def check_state(cfg: MixtureSection, state: dict | None, pack_tokens: int) -> None:
     """Refuse a saved data state that `cfg` cannot continue (ConfigError naming the setting to restore); the
     driver calls it before Ray starts, the source again on the worker. World size and micro-batch size are free;
-    seed, shuffle window, sources and the global step size are not."""
+    seed, shuffle window, sources, the global step size and the batch-size warmup are not."""
     from pipelines.train.config import ConfigError
 
     if state is None:
@@ -542,6 +744,15 @@ def check_state(cfg: MixtureSection, state: dict | None, pack_tokens: int) -> No
             f"but the config's is {rows} rows (global_batch_tokens={cfg.global_batch_tokens}): set "
             f"global_batch_tokens: {saved_rows * pack_tokens} (or leave it unset) to resume; another global batch "
             "starts a new run (another checkpoint.name)"
+        )
+    saved_ramp = state.get("ramp") or BatchRamp.flat(saved_rows or rows, pack_tokens).identity()
+    now_ramp = cfg.ramp(pack_tokens).identity()
+    if saved_ramp != now_ramp:
+        # Step s holds rows(s) rows: another ramp would give every later step other rows than the original run's.
+        raise ConfigError(
+            f"the checkpoint's batch-size warmup ({saved_ramp}) differs from the config's ({now_ramp}): set "
+            f"{BatchRamp.restore_hint(saved_ramp, pack_tokens)} to resume; another warmup starts a new run "
+            "(another checkpoint.name)"
         )
 
 
@@ -593,8 +804,12 @@ class GlobalStepSource:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         self.cfg, self.rank, self.world = cfg, rank, world_size
         self.pack_tokens, self.m = pack_tokens, rows_per_micro_batch
-        self.R = cfg.rows_per_step(pack_tokens)
-        self.A = plan_accumulation(cfg.global_batch_tokens, pack_tokens, world_size, rows_per_micro_batch)
+        self.R = cfg.rows_per_step(pack_tokens)  # rows of a full step; step s holds ramp.rows(s)
+        self.ramp = cfg.ramp(pack_tokens)
+        if self.ramp.enabled:
+            self.ramp.check_split(world_size, rows_per_micro_batch)
+        else:  # its message names global_batch_tokens
+            plan_accumulation(cfg.global_batch_tokens, pack_tokens, world_size, rows_per_micro_batch)
         self.validate, self.pin_memory = validate, pin_memory
         self._bases: dict[tuple[int, int], int] = {}
         self._check_state(state)
@@ -627,6 +842,7 @@ class GlobalStepSource:
             "version": STATE_VERSION,
             "global_step": step,
             "rows_per_step": self.R,
+            "ramp": self.ramp.identity(),
             "order": self._identity(),
             "sources": self.order.state(),
         }
@@ -641,14 +857,16 @@ class GlobalStepSource:
         return self._stats
 
     # -- assembly ---------------------------------------------------------------------------------------------
-    def _global_rows(self) -> list[_Row]:
-        """The R rows of the next global step, in order."""
-        return [self.order.next_row() for _ in range(self.R)]
+    def _global_rows(self, n: int) -> list[_Row]:
+        """The n rows of the next global step, in order."""
+        return [self.order.next_row() for _ in range(n)]
 
     def _assemble(self) -> _Step:
-        rows = self._global_rows()
-        mine = rows[self.rank * self.A * self.m : (self.rank + 1) * self.A * self.m]
-        batches = [self._collate(mine[a * self.m : (a + 1) * self.m]) for a in range(self.A)]
+        n = self.ramp.rows(self._produced)  # the step being assembled is global step `_produced` (0-based)
+        A = n // (self.world * self.m)
+        rows = self._global_rows(n)
+        mine = rows[self.rank * A * self.m : (self.rank + 1) * A * self.m]
+        batches = [self._collate(mine[a * self.m : (a + 1) * self.m]) for a in range(A)]
         names = [s.name for s in self.cfg.sources]
         step_tokens = np.zeros(len(names), dtype=np.int64)
         for r in rows:
@@ -724,7 +942,7 @@ class GlobalStepSource:
 
     # -- StepSource -------------------------------------------------------------------------------------------
     def next_step(self) -> list[PackedBatch]:
-        """This rank's A micro-batches of the next global step. Raises DataExhausted when no full step is left
+        """This rank's micro-batches of the next global step s (rows(s) / (W x m) of them). Raises DataExhausted when no full step is left
         (the state stays at the last full step), RuntimeError past `max_steps`."""
         if self._queue is None:
             step = self._next_assembled()
@@ -843,6 +1061,7 @@ def step_source_from_shards(
 
 
 __all__ = [
+    "BatchRamp",
     "DataExhausted",
     "check_sources",
     "check_state",

@@ -9,9 +9,9 @@ Data: one Ray Dataset per train source (`data.sources`: packed dirs of jobs/prep
 none listed = one source "train" from `data.packed_dir`, or built on the fly from raw text by
 `pipelines.mlm.preprocess.build_packed_datasets`) plus "eval". The train sources reach the runner through
 `pipelines.train.data.GlobalStepSource`: a global row order that depends on (seed, sources, shuffle window) only,
-`train.global_batch_tokens` per step whatever the world size and micro-batch size (the accumulation is derived:
-`plan_accumulation`), so a run resumes on another worker count or micro-batch size at the next unseen row (see
-docs/data_order.md). "eval" is not split: rank r evaluates micro-batches r, r+W, ... of the (unshuffled) eval set,
+`train.global_batch_tokens` per step whatever the world size and micro-batch size (or, with a batch-size warmup
+`train.batch_warmup_*`, the budget `BatchRamp.tokens(s)` of step s; the accumulation is derived per step), so a
+run resumes on another worker count or micro-batch size at the next unseen row (see docs/data_order.md). "eval" is not split: rank r evaluates micro-batches r, r+W, ... of the (unshuffled) eval set,
 and the sums are all-reduced.
 
 Masking runs on the CPU row by row: the generator of a packed row is seeded by `row_mask_seed(train.seed,
@@ -46,6 +46,7 @@ from pipelines.train.config import (
     load_job_config,
 )
 from pipelines.train.data import (
+    BatchRamp,
     DataExhausted,
     GlobalStepSource,
     MixtureSection,
@@ -131,6 +132,12 @@ class PretrainTrainSection(TrainSection):
     # or, on a resume, to the checkpoint's value (a resume cannot change it); the resolved value is what config.yaml
     # holds. Accumulation is derived from it and must be whole on every world size of the run.
     global_batch_tokens: int = 0
+    # Batch-size warmup (both 0 = off; pipelines.train.data.BatchRamp): step 0 holds batch_warmup_start_tokens, each
+    # level adds as many, up to global_batch_tokens, every level lasting the same number of steps so that the warmup
+    # spans about batch_warmup_tokens. A function of the step only, never of the world size; the start (a multiple
+    # of data.pack_tokens that divides global_batch_tokens) must split over every world size x rows per micro-batch.
+    batch_warmup_start_tokens: int = 0
+    batch_warmup_tokens: int = 0
     mask_prob: float = 0.2  # NeoBERT: 20% of the non-special tokens
     mask_strategy: Literal["mask", "80_10_10"] = "mask"
     loss_chunk_size: int = 2048  # rows of the chunked MLM cross-entropy (bench/loss.py: <= 0.5 GiB extra)
@@ -153,6 +160,16 @@ class PretrainTrainSection(TrainSection):
         if self.global_batch_tokens < 0:
             raise ValueError(
                 f"train.global_batch_tokens must be >= 0 (0 = derived), got {self.global_batch_tokens}"
+            )
+        if self.batch_warmup_start_tokens < 0 or self.batch_warmup_tokens < 0:
+            raise ValueError(
+                f"train.batch_warmup_start_tokens and train.batch_warmup_tokens must be >= 0, got "
+                f"{self.batch_warmup_start_tokens} and {self.batch_warmup_tokens}"
+            )
+        if (self.batch_warmup_start_tokens > 0) != (self.batch_warmup_tokens > 0):
+            raise ValueError(
+                f"train.batch_warmup_start_tokens={self.batch_warmup_start_tokens} and train.batch_warmup_tokens="
+                f"{self.batch_warmup_tokens}: set both (> 0) for a batch-size warmup, or neither"
             )
         if not 0.0 < self.mask_prob < 1.0:
             raise ValueError(f"train.mask_prob must lie in (0, 1), got {self.mask_prob} (NeoBERT: 0.2)")
@@ -191,16 +208,51 @@ class PretrainConfig(TrainJobConfig):
                 f"data.pack_tokens={d.pack_tokens} > model.max_position_embeddings="
                 f"{self.model.max_position_embeddings}; lower data.pack_tokens or raise the model field"
             )
+        if t.batch_warmup_start_tokens % d.pack_tokens:
+            raise ValueError(
+                f"train.batch_warmup_start_tokens={t.batch_warmup_start_tokens} is not a multiple of data.pack_tokens="
+                f"{d.pack_tokens}; set it to e.g. {max(1, round(t.batch_warmup_start_tokens / d.pack_tokens)) * d.pack_tokens}"
+            )
         if t.global_batch_tokens:
             self.check_world_sizes()
 
+    def ramp(self) -> BatchRamp:
+        """The rows of every global step (`train.global_batch_tokens` resolved): flat, or the batch warmup."""
+        t = self.train
+        return BatchRamp.from_tokens(
+            t.global_batch_tokens, self.data.pack_tokens, t.batch_warmup_start_tokens, t.batch_warmup_tokens
+        )
+
     def plan(self, world_size: int) -> int:
-        """Micro-batches per worker and step on `world_size` workers: global_batch_tokens / (pack_tokens x rows per
-        micro-batch x world_size); ValueError naming the keys unless it is whole."""
+        """Micro-batches per worker and step at the full global batch on `world_size` workers: global_batch_tokens /
+        (pack_tokens x rows per micro-batch x world_size); ValueError naming the keys unless it is whole. With a batch
+        warmup, the start batch must split (every level is a multiple of it); the accumulation of step s is then
+        `ramp().accumulation(s, ...)`."""
         t, d = self.train, self.data
         if not t.global_batch_tokens:
             raise AssertionError("train.global_batch_tokens is resolved on the driver (resolve_config)")
         unit = d.pack_tokens * world_size * self.rows_per_micro_batch
+        if t.batch_warmup_start_tokens or t.batch_warmup_tokens:
+            ramp = self.ramp()  # ValueError naming the warmup keys when start / global batch do not fit
+            start = t.batch_warmup_start_tokens
+            if start % unit:
+                good = [
+                    k * unit
+                    for k in range(1, t.global_batch_tokens // unit)
+                    if t.global_batch_tokens % (k * unit) == 0
+                ]
+                hint = (
+                    f"set train.batch_warmup_start_tokens to e.g. {min(good, key=lambda v: abs(v - start))}"
+                    if good
+                    else f"raise train.global_batch_tokens to a multiple of {unit} with room for a smaller start"
+                )
+                raise ValueError(
+                    f"train.batch_warmup_start_tokens={start} (the first batch and the increment of the batch warmup) "
+                    f"must be a multiple of data.pack_tokens={d.pack_tokens} x scaling.num_workers={world_size} x rows "
+                    f"per micro-batch={self.rows_per_micro_batch} (train.tokens_per_micro_batch // data.pack_tokens) = "
+                    f"{unit} tokens: {hint}, or change scaling.num_workers / train.tokens_per_micro_batch"
+                )
+            return ramp.accumulation(ramp.warmup_steps, world_size, self.rows_per_micro_batch)
         if t.global_batch_tokens % unit:
             raise ValueError(
                 f"train.global_batch_tokens={t.global_batch_tokens} must be a multiple of data.pack_tokens="
@@ -213,7 +265,13 @@ class PretrainConfig(TrainJobConfig):
 
     def check_world_sizes(self) -> None:
         """Every world size the run may train on (each of an elastic `scaling.num_workers: [min, max]`) must split
-        the global batch into whole micro-batches; else one `ConfigError` naming the sizes that do not."""
+        the global batch (with a batch warmup: its start) into whole micro-batches; else one `ConfigError` naming
+        the sizes that do not."""
+        if self.train.batch_warmup_start_tokens or self.train.batch_warmup_tokens:
+            try:
+                self.ramp()  # start / global batch of the warmup, whatever the world size
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         if not self.scaling.elastic:  # one size: its own message names the keys and a value that works
             try:
                 self.plan(self.scaling.max_workers)
@@ -224,8 +282,11 @@ class PretrainConfig(TrainJobConfig):
             check_world_sizes(self, self.plan)
         except ConfigError as e:
             unit = self.data.pack_tokens * self.rows_per_micro_batch * math.lcm(*self.scaling.world_sizes)
+            key = (
+                "batch_warmup_start_tokens" if self.train.batch_warmup_start_tokens else "global_batch_tokens"
+            )
             raise ConfigError(
-                f"{e}; e.g. train.global_batch_tokens={unit} (or a multiple: data.pack_tokens x rows per "
+                f"{e}; e.g. train.{key}={unit} (or a multiple: data.pack_tokens x rows per "
                 f"micro-batch x the lcm of {list(self.scaling.world_sizes)}) splits over every size of the range"
             ) from None
 
@@ -241,6 +302,8 @@ class PretrainConfig(TrainJobConfig):
         return MixtureSection(
             sources=sources, global_batch_tokens=self.train.global_batch_tokens, on_exhausted=d.on_exhausted,
             shuffle_window_rows=d.shuffle_window_rows, seed=self.train.seed, prefetch_steps=d.prefetch_steps,
+            batch_warmup_start_tokens=self.train.batch_warmup_start_tokens,
+            batch_warmup_tokens=self.train.batch_warmup_tokens,
         )  # fmt: skip
 
     @property
@@ -318,14 +381,14 @@ class PretrainRunner(TrainRunner):
             pin_memory=self.device.type == "cuda",
         )
         self.peak = peak_flops(self.device)
+        self.ramp = cfg.ramp()  # the rows of every global step (batch warmup or flat)
         if self.rank == 0:
             log.info(
                 "pretrain: %d workers on %s, attention=%s, precision=%s, %d rows x %d tokens per micro-batch, "
-                "%d micro-batches per worker and step (train.global_batch_tokens=%d)",
+                "train.global_batch_tokens=%d; %s",
                 self.world, self.device, self.model.attn_backend, "bf16" if self.use_bf16 else "fp32",
-                cfg.rows_per_micro_batch, t.tokens_per_micro_batch,
-                plan_accumulation(t.global_batch_tokens, cfg.data.pack_tokens, self.world, cfg.rows_per_micro_batch),
-                t.global_batch_tokens,
+                cfg.rows_per_micro_batch, t.tokens_per_micro_batch, t.global_batch_tokens,
+                self.ramp.describe(self.world, cfg.rows_per_micro_batch),
             )  # fmt: skip
 
     # -- data ----------------------------------------------------------------------------------------------------
@@ -342,6 +405,11 @@ class PretrainRunner(TrainRunner):
             pin_memory=self.device.type == "cuda",
         )
         return self._data
+
+    def progress_state(self) -> dict[str, Any]:
+        """`tokens_planned`: the planned token budget of the steps done (the batch warmup's, or steps x the global
+        batch), read by the model card."""
+        return {"tokens_planned": self.ramp.tokens_through(self.step)}
 
     def load_or_resume(self) -> None:
         """The base's resume; a warm start with `train.init_optimizer` then loads the source's optimizer state."""
@@ -444,7 +512,12 @@ class PretrainRunner(TrainRunner):
             loss_sum=stats.loss_sum, num_correct=stats.num_correct, num_masked=stats.num_masked_local,
             num_tokens=stats.num_tokens_local, flops=flops,
         )  # fmt: skip
-        self.window.set(**{"train/lr": lr, "train/grad_norm": stats.grad_norm})
+        self.window.set(**{
+            "train/lr": lr, "train/grad_norm": stats.grad_norm,
+            # the step's token budget (it follows the batch warmup) and the planned budget of the steps so far
+            "train/global_batch_tokens": float(self.ramp.tokens(self.step)),
+            "train/tokens_planned": float(self.ramp.tokens_through(self.step + 1)),
+        })  # fmt: skip
         if self._data is not None:  # global stats (the same on every rank): rank 0 adds the window's tokens
             data = self._data.step_stats()
             self.window.add(

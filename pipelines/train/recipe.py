@@ -14,6 +14,7 @@
           rope_theta: 10000.0
           mask_prob: 0.2
           global_batch_tokens: 65536         # train.global_batch_tokens: tokens of one optimizer step
+          batch_warmup: {start_tokens: 16384, tokens: 1.0e9}   # optional batch-size warmup (train.batch_warmup_*)
           lr: {peak: 6.0e-4, schedule: cosine, warmup_steps: 20, min_lr_ratio: 0.1}
           sources: [{name: all, path: data/packed, weight: 1.0}]   # data.sources: token-weighted mixture
           eval_dir: ""                       # packed dir whose eval split is evaluated ("" = the first source's)
@@ -28,7 +29,8 @@ Expansion (`expand_recipe`) fixes, per phase: the run name, `train.init_from` (p
 the run dir of phase i - 1, whose latest checkpoint the runner loads), the global step offset (sum of the previous
 phases' steps) and the phase's `LRSegment`, so the LR at global step g is `RecipeLR.lr_at(g)`. `to_pretrain_config`
 maps a phase onto the pretraining job's keys: `data.sources` (the mixture, `pipelines.train.data`),
-`train.global_batch_tokens`, `data.pack_tokens` = `model.max_position_embeddings` = max_seq_len,
+`train.global_batch_tokens`, `train.batch_warmup_*` (the ramp restarts at the phase's first step; `num_tokens`
+phases count their steps through it, `BatchRamp.steps_for_tokens`), `data.pack_tokens` = `model.max_position_embeddings` = max_seq_len,
 `model.rope_theta`, `train.mask_prob`, the `train.*` LR keys. A single source with an empty path is the embedded
 corpus, tokenized and packed on the fly at the phase's pack size (source name "train").
 
@@ -50,7 +52,6 @@ import copy
 import functools
 import json
 import logging
-import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -60,11 +61,13 @@ from typing import Any
 import yaml
 
 from neobert.config_io import deep_merge, from_dict, load_yaml_dict, parse_overrides, to_dict
+from pipelines.train.data import BatchRamp
 from pipelines.train.pretrain import SINGLE_SOURCE, PretrainConfig, _expand_model_preset
 from pipelines.train.schedule import DECAY_SHAPES, SCHEDULES, LRSegment, RecipeLR
 
 log = logging.getLogger("neobert.recipe")
 
+WARMUP_TRAIN_KEYS = ("batch_warmup_start_tokens", "batch_warmup_tokens")  # set from each phase's batch_warmup
 MARKER_DIR = "phases"
 SUMMARY_FILE = "phases.json"
 RECIPE_FILE = "recipe.yaml"
@@ -114,6 +117,17 @@ class LRSpec:
 
 
 @dataclass
+class BatchWarmupSpec:
+    """A phase's batch-size warmup (`pipelines.train.data.BatchRamp`; both 0 = off): the phase's first step holds
+    `start_tokens`, each level adds as many up to the phase's global batch, the levels together span about
+    `tokens`. Maps onto `train.batch_warmup_start_tokens` / `train.batch_warmup_tokens`; the ramp starts again at
+    the phase's first step."""
+
+    start_tokens: int = 0
+    tokens: int = 0
+
+
+@dataclass
 class PhaseSpec:
     name: str
     max_seq_len: int
@@ -123,6 +137,7 @@ class PhaseSpec:
     rope_theta: float = 10000.0
     mask_prob: float = 0.2
     lr: LRSpec = field(default_factory=LRSpec)
+    batch_warmup: BatchWarmupSpec = field(default_factory=BatchWarmupSpec)
     sources: list[SourceSpec] = field(default_factory=lambda: [SourceSpec(name="all")])
     eval_dir: str = ""  # a packed dir whose eval split the phase evaluates; "" = the first source's path
     carry_optimizer: bool = False
@@ -141,6 +156,11 @@ class PhaseSpec:
             )
         if not 0.0 < self.mask_prob < 1.0:
             raise ValueError(f"{where}: mask_prob must lie in (0, 1), got {self.mask_prob}")
+        try:  # a flat phase's global batch is checked with the world size (check_recipe)
+            if self.batch_warmup.start_tokens or self.batch_warmup.tokens:
+                self.ramp()
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
         names = [s.name for s in self.sources]
         if not names or len(set(names)) != len(names):
             raise ValueError(f"{where}: sources need unique names, got {names}")
@@ -149,6 +169,13 @@ class PhaseSpec:
                 f"{where}: a mixture needs a packed dir (jobs/preprocess.py) for every source; only a phase with a "
                 "single source may leave its path empty (the embedded corpus, packed on the fly)"
             )
+
+    def ramp(self) -> BatchRamp:
+        """The phase's batch schedule (flat unless `batch_warmup` is set); ValueError naming the phase's keys."""
+        return BatchRamp.from_tokens(
+            self.global_batch_tokens, self.max_seq_len, self.batch_warmup.start_tokens, self.batch_warmup.tokens,
+            keys=("batch_warmup.start_tokens", "batch_warmup.tokens", "global_batch_tokens"),
+        )  # fmt: skip
 
 
 @dataclass
@@ -281,7 +308,17 @@ class PhasePlan:
 
     @property
     def global_batch_tokens(self) -> int:
+        """Tokens of a step at the full global batch (after any batch warmup)."""
         return int(self.config["train"]["global_batch_tokens"])
+
+    @property
+    def ramp(self) -> BatchRamp:
+        """The rows of every step of the phase (phase-local steps)."""
+        t = self.config["train"]
+        return BatchRamp.from_tokens(
+            self.global_batch_tokens, int(self.config["data"]["pack_tokens"]),
+            int(t.get("batch_warmup_start_tokens", 0)), int(t.get("batch_warmup_tokens", 0)),
+        )  # fmt: skip
 
 
 def _segment(spec: PhaseSpec, num_steps: int) -> LRSegment:
@@ -323,8 +360,9 @@ def _with_root(src: SourceSpec, data_root: str, phase: str) -> SourceSpec:
 
 
 def _phase_num_steps(spec: PhaseSpec) -> int:
-    """num_steps, or the steps num_tokens takes at the phase's global batch (the last step may overshoot)."""
-    return spec.num_steps or max(1, math.ceil(spec.num_tokens / spec.global_batch_tokens))
+    """num_steps, or the steps num_tokens takes through the phase's batch schedule (its batch warmup, then the full
+    global batch; the last step may overshoot)."""
+    return spec.num_steps or spec.ramp().steps_for_tokens(spec.num_tokens)
 
 
 def expand_recipe(recipe: Recipe) -> list[PhasePlan]:
@@ -350,10 +388,18 @@ def expand_recipe(recipe: Recipe) -> list[PhasePlan]:
         num_steps = _phase_num_steps(spec)
         seg = _segment(spec, num_steps)
         init_from = recipe.init_from if i == 0 else plans[-1].run_dir
+        pre = {k: cfg.get("train", {}).get(k) for k in WARMUP_TRAIN_KEYS}
+        if any(pre.values()):
+            raise ValueError(
+                f"recipe {recipe.name!r}: pretrain.train sets {pre}; the batch warmup is a phase setting (it fixes "
+                f"the phase's steps): set batch_warmup: {{start_tokens, tokens}} on the phases that want it"
+            )
         cfg["train"] = {
             **cfg.get("train", {}),
             "num_steps": num_steps,
             "global_batch_tokens": spec.global_batch_tokens,
+            "batch_warmup_start_tokens": spec.batch_warmup.start_tokens,
+            "batch_warmup_tokens": spec.batch_warmup.tokens,
             "mask_prob": spec.mask_prob,
             "lr": seg.lr,
             "schedule": seg.kind,
@@ -370,6 +416,12 @@ def expand_recipe(recipe: Recipe) -> list[PhasePlan]:
             "storage_path": recipe.dir,
             "name": f"phase-{i}-{spec.name}",
         }
+        over = {k: v for k, v in (spec.overrides.get("train") or {}).items() if k in WARMUP_TRAIN_KEYS}
+        if over:
+            raise ValueError(
+                f"phase {spec.name!r}: overrides.train sets {over}; set the phase's batch_warmup: {{start_tokens, "
+                "tokens}} instead (it fixes the phase's steps)"
+            )
         cfg = deep_merge(cfg, spec.overrides)
         plans.append(
             PhasePlan(
@@ -609,7 +661,7 @@ def write_recipe_report(recipe: Recipe, plans: list[PhasePlan] | None = None) ->
                 "step_offset": plan.step_offset,
                 "num_steps": plan.num_steps,
                 "steps_done": last_step,
-                "tokens_planned": plan.num_steps * plan.global_batch_tokens,
+                "tokens_planned": plan.ramp.tokens_through(plan.num_steps),
                 "tokens": _tokens_seen(recs, plan.sources, pack),
                 "lr_first": train[0]["train/lr"] if train else None,
                 "lr_last": train[-1]["train/lr"] if train else None,

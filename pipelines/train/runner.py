@@ -16,7 +16,8 @@ What the base owns (the same for every job):
 - ONE checkpoint format for both strategies: a checkpoint dir holds `dcp/` (model + optimizer, sharded, written
   by every rank through `parallel.save_sharded`; Ray Train merges the ranks' dirs into one), `model/` (the whole
   model, `neobert.checkpoint.save_model_dir`, written by rank 0 through the subclass's `save_model`: what export,
-  eval and warm starts read), `train_state.json` (step, data position, world size, strategy, job state, config:
+  eval and warm starts read), `train_state.json` (step, the job's `progress_state` such as the planned tokens, data
+  position, world size, strategy, job state, config:
   what the driver reads to check a resume before Ray starts) and `train_state.pt` (scheduler, RNG states of
   python / numpy / torch / cuda). A resume loads `dcp/` on every rank (`parallel.load_sharded` reshards), so a
   checkpoint of W workers under one strategy resumes on W' under either; whether the data position allows it
@@ -128,6 +129,11 @@ class TrainRunner:
 
     def load_job_state(self, state: dict[str, Any]) -> None:
         pass
+
+    def progress_state(self) -> dict[str, Any]:
+        """JSON-able keys written at the top of `train_state.json` beside `step` (e.g. pretraining's
+        `tokens_planned`); derived from the step, so nothing is loaded back."""
+        return {}
 
     def trace_records(self, batches: list[Any]) -> list[dict[str, Any]]:
         """`logging.trace_data`: one fingerprint record per micro-batch of the completed step."""
@@ -415,6 +421,7 @@ class TrainRunner:
         """`train_state.json` (what the driver checks a resume against) and `train_state.pt` (scheduler, RNG)."""
         meta = {
             "step": self.step,
+            **self.progress_state(),
             "window": window,
             "data": self.data_state,
             "world_size": self.world,

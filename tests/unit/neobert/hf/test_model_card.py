@@ -35,7 +35,7 @@ def front_matter(card: str) -> dict:
     return yaml.safe_load(card.split("---\n")[1])
 
 
-def pretrain_checkpoint(root, *, inputs: list[str], step: int = 40, world_size: int = 2):
+def pretrain_checkpoint(root, *, inputs: list[str], step: int = 40, world_size: int = 2, **state_keys):
     """A checkpoint dir as jobs/pretrain.py writes it: model/ + train_state.json (with the run config)."""
     cfg = tiny_cfg()
     torch.manual_seed(0)
@@ -44,7 +44,7 @@ def pretrain_checkpoint(root, *, inputs: list[str], step: int = 40, world_size: 
         "data": {"packed_dir": "", "preprocess": {"input": inputs}},
         "train": {"tokens_per_micro_batch": 2048, "global_batch_tokens": 2 * 3 * 2048},
     }
-    state = {"step": step, "world_size": world_size, "config": run_cfg}
+    state = {"step": step, **state_keys, "world_size": world_size, "config": run_cfg}
     (root / "train_state.json").write_text(json.dumps(state))
     return root
 
@@ -73,6 +73,14 @@ def test_card_of_a_pretraining_checkpoint_with_results_beside_it(tmp_path):
     assert "| glue/sst2 | accuracy | 0.8125 | 0.9 |" in card
     assert "| glue/sst2 | f1 | 0.79 | – |" in card and "| mteb/stsb | spearman | 0.4321 | – |" in card
     assert "reproduces the training model on" in card and "hidden states max |diff|" in card
+
+
+def test_card_counts_the_recorded_token_budget_of_a_batch_warmup(tmp_path):
+    # a run with a batch warmup records its planned budget (less than steps x the full batch): the card uses it
+    ckpt = pretrain_checkpoint(tmp_path / "checkpoint_000001", inputs=[], tokens_planned=123_456)
+    export_hf(ckpt, tmp_path / "hf", tokenizer_dir=default_tokenizer_dir())
+    card = (tmp_path / "hf" / "README.md").read_text()
+    assert "| Tokens seen | 123,456 (upper bound: the planned token budget" in card
 
 
 def test_card_of_a_sentence_transformer_with_explicit_results_and_user_data(tmp_path):

@@ -10,7 +10,9 @@ import pyarrow as pa
 import pytest
 
 from neobert.schema import PACKED_SCHEMA
+from pipelines.train.config import ConfigError
 from pipelines.train.data import (
+    BatchRamp,
     DataExhausted,
     GlobalStepSource,
     MixtureSection,
@@ -87,8 +89,8 @@ def run(cfg, *, world: int, m: int, steps: int, state=None, batch_rows: int = 7)
     for _ in range(steps):
         uids, keys = [], []
         for s in srcs:
-            batches = s.next_step()
-            assert len(batches) == cfg.global_batch_tokens // PACK // (world * m)
+            batches = s.next_step()  # global step s.step - 1 (0-based): ramp.rows of it over all ranks
+            assert len(batches) == cfg.ramp(PACK).rows(s.step - 1) // (world * m)
             for b in batches:
                 assert b.row_keys is not None and len(b.row_keys) == b.num_rows == m
                 uids += row_uids(b)
@@ -349,3 +351,132 @@ def test_background_thread_hands_over_exhaustion_and_keeps_the_last_full_state()
         with pytest.raises(DataExhausted):  # and again on every later call
             src.next_step()
         assert src.state_dict() == sync.state_dict()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Batch-size warmup
+# ----------------------------------------------------------------------------------------------------------------
+def ramp_cfg(**kw) -> MixtureSection:
+    """12 rows per full step; the warmup starts at 4 rows and adds 4 (3 levels), 2 steps per level."""
+    warm = dict(batch_warmup_start_tokens=4 * PACK, batch_warmup_tokens=2 * PACK * 4 * 3)
+    return mixture(*TWO, gbt=12 * PACK, **{**warm, **kw})
+
+
+RAMPS = [  # (global batch, start, warmup) in tokens of pack 16
+    (12 * PACK, 4 * PACK, 384),
+    (12 * PACK, 3 * PACK, 5000),
+    (12 * PACK, 6 * PACK, 1),  # n rounds to 0: at least one step per level
+    (4608 * PACK, 768 * PACK, 10**9),
+    (12 * PACK, 0, 0),  # flat
+]
+
+
+@pytest.mark.parametrize("gbt,start,warm", RAMPS)
+def test_ramp_rows_levels_and_token_budget(gbt, start, warm):
+    r = BatchRamp.from_tokens(gbt, PACK, start, warm)
+    R, S = gbt // PACK, (start // PACK) or gbt // PACK
+    K = R // S
+    assert (r.full_rows, r.start_rows, r.num_levels, r.enabled) == (R, S, K, K > 1)
+    steps = r.warmup_steps + 7
+    rows = [r.rows(s) for s in range(steps)]
+    # levels k x S, each k < K for steps_per_level steps, then R for good
+    n = r.steps_per_level
+    assert n == (max(1, round(warm / (PACK * S * K * (K - 1) / 2))) if K > 1 else 0)
+    assert rows == [k * S for k in range(1, K) for _ in range(n)] + [R] * 7
+    assert [lv[0] for lv in r.levels()] == [k * S for k in range(1, K + 1)]
+    # tokens_through is the sum of every step's budget, and steps_for_tokens its inverse
+    cum = [0]
+    for x in rows:
+        cum.append(cum[-1] + x * PACK)
+    assert [r.tokens_through(k) for k in range(steps + 1)] == cum
+    assert r.tokens_through(-1) == 0 and r.steps_for_tokens(0) == 1 and r.steps_for_tokens(1) == 1
+    for k in range(1, steps + 1):
+        assert r.steps_for_tokens(cum[k]) == k  # exactly the budget of k steps
+        assert r.steps_for_tokens(cum[k - 1] + 1) == k  # one token more than k - 1 steps: the k-th step
+    if K > 1:  # the warmup spans about batch_warmup_tokens (one step per level at least)
+        assert r.tokens_through(r.warmup_steps) == n * PACK * S * K * (K - 1) // 2
+    assert BatchRamp(**{**r.__dict__}) == r and r.identity()["steps_per_level"] == n
+
+
+def test_modernbert_ramp_spans_fifty_billion_tokens():
+    r = BatchRamp.from_tokens(4608 * 1024, 1024, 768 * 1024, 50_000_000_000)
+    assert [lv[0] for lv in r.levels()] == [768, 1536, 2304, 3072, 3840, 4608]
+    assert r.tokens_through(r.warmup_steps) == pytest.approx(50e9, rel=1e-3)
+    assert [r.accumulation(s, 8, 96) for s in (0, r.steps_per_level, r.warmup_steps)] == [1, 2, 6]
+    r.check_split(8, 96)
+    with pytest.raises(ValueError, match="multiple of 1024 rows"):
+        r.check_split(16, 64)
+
+
+def test_ramp_refusals_name_the_keys_and_a_value_that_works():
+    with pytest.raises(
+        ValueError, match=r"train\.batch_warmup_start_tokens=64 and train\.batch_warmup_tokens=0: set both"
+    ):
+        BatchRamp.from_tokens(12 * PACK, PACK, 4 * PACK, 0)
+    with pytest.raises(
+        ValueError,
+        match=r"train\.batch_warmup_start_tokens=70 is not a multiple of pack_tokens=16.* e\.g\. 64",
+    ):
+        BatchRamp.from_tokens(12 * PACK, PACK, 70, 100)
+    with pytest.raises(
+        ValueError, match=r"smaller than train\.global_batch_tokens=192 and divide it.* e\.g\. 96"
+    ):
+        BatchRamp.from_tokens(12 * PACK, PACK, 12 * PACK, 100)
+    with pytest.raises(ValueError, match=r"train\.batch_warmup_start_tokens=80 .* e\.g\. 64"):
+        BatchRamp.from_tokens(12 * PACK, PACK, 5 * PACK, 100)  # 5 rows do not divide 12
+    with pytest.raises(ValueError, match="start_tokens=80"):  # the caller's key names
+        BatchRamp.from_tokens(12 * PACK, PACK, 5 * PACK, 100, keys=("start_tokens", "tokens", "global"))
+    with pytest.raises(
+        ValueError, match=r"train\.batch_warmup_start_tokens=64 and train\.batch_warmup_tokens=0"
+    ):
+        mixture(*TWO, gbt=12 * PACK, batch_warmup_start_tokens=64).check(PACK)
+    with pytest.raises(ValueError, match="make it a multiple of 3 rows"):  # 4 start rows on 3 workers
+        GlobalStepSource(ramp_cfg(), opener(), pack_tokens=PACK, rows_per_micro_batch=1, world_size=3)
+
+
+@pytest.mark.parametrize("world,m", [(2, 1), (4, 1), (1, 4), (2, 2)])
+def test_ramp_steps_hold_the_same_rows_on_every_world_and_micro_batch_size(world, m):
+    cfg = ramp_cfg()
+    ramp = cfg.ramp(PACK)
+    ref, _ = run(cfg, world=1, m=1, steps=10)
+    assert [len(u) for u, _ in ref] == [ramp.rows(s) for s in range(10)] == [4, 4, 8, 8] + [12] * 6
+    got, _ = run(cfg, world=world, m=m, steps=10)
+    assert got == ref
+    # the ramp takes the same global order as a flat run, only cut into steps of other sizes
+    flat, _ = run(mixture(*TWO, gbt=4 * PACK), world=1, m=1, steps=ramp.tokens_through(10) // (4 * PACK))
+    assert [u for step, _ in ref for u in step] == [u for step, _ in flat for u in step]
+
+
+def test_resume_mid_ramp_on_another_world_size_continues_with_the_same_rows():
+    cfg = ramp_cfg()
+    ref, states = run(cfg, world=2, m=2, steps=9)
+    assert states[2]["ramp"] == cfg.ramp(PACK).identity() and states[2]["global_step"] == 3
+    for k in range(8):  # after every step, inside every level and after the warmup
+        for world, m in [(1, 1), (4, 1), (1, 2)]:
+            got, _ = run(cfg, world=world, m=m, steps=9 - k - 1, state=states[k])
+            assert got == ref[k + 1 :], f"resume after step {k + 1} on W={world}, m={m}"
+
+
+def test_resume_with_another_ramp_is_refused_with_the_keys_to_restore():
+    _, states = run(ramp_cfg(), world=1, m=1, steps=3)
+    # the same full batch without the warmup
+    with pytest.raises(
+        ConfigError,
+        match=r"batch-size warmup .* differs .* set train\.batch_warmup_start_tokens: 64 and "
+        r"train\.batch_warmup_tokens: 384 \(2 steps per level\) to resume",
+    ):
+        run(mixture(*TWO, gbt=12 * PACK), world=1, m=1, steps=1, state=states[-1])
+    with pytest.raises(ConfigError, match="set train.batch_warmup_start_tokens: 64"):  # other steps per level
+        run(ramp_cfg(batch_warmup_tokens=1000), world=1, m=1, steps=1, state=states[-1])
+    # a flat run cannot continue with a warmup; a flat state of an older version (no "ramp") still resumes flat
+    flat = mixture(*TWO, gbt=12 * PACK)
+    _, flat_states = run(flat, world=1, m=1, steps=2)
+    with pytest.raises(
+        ConfigError, match=r"set train\.batch_warmup_start_tokens: 0 and train\.batch_warmup_tokens: 0"
+    ):
+        run(ramp_cfg(), world=1, m=1, steps=1, state=flat_states[-1])
+    old = {k: v for k, v in flat_states[0].items() if k != "ramp"}
+    assert (
+        run(flat, world=2, m=1, steps=1, state=old)[0]
+        == run(flat, world=1, m=1, steps=1, state=flat_states[0])[0]
+    )

@@ -275,3 +275,55 @@ def test_resume_check_accepts_world_and_micro_batch_changes_and_refuses_order_ch
             check_pretrain_resume(other, saved)
     with pytest.raises(ConfigError, match="not a global data order position"):
         check_pretrain_resume(cfg, {**saved, "data": {"kind": "shard", "epoch": 0}})
+
+
+def test_batch_warmup_config_refusals_name_the_keys_and_a_value_that_works():
+    from pipelines.train.pretrain import resolve_config
+
+    def cfg(*argv: str):
+        return load_pretrain_config(None, ["--train.global_batch_tokens", "24576", *argv])
+
+    with pytest.raises(
+        ValueError, match=r"train\.batch_warmup_start_tokens=4096 and train\.batch_warmup_tokens=0"
+    ):
+        cfg("--train.batch_warmup_start_tokens", "4096")
+    with pytest.raises(
+        ValueError,
+        match=r"train\.batch_warmup_start_tokens=1000 is not a multiple of data\.pack_tokens=512.*e\.g\. 1024",
+    ):
+        cfg("--train.batch_warmup_start_tokens", "1000", "--train.batch_warmup_tokens", "10")
+    # the start is the granule: 2 workers x 4 rows x 512 tokens = 4096 must divide it (named, with a value that works)
+    with pytest.raises(
+        ValueError,
+        match=r"train\.batch_warmup_start_tokens=2048 .* = 4096 tokens: set train\.batch_warmup_start_tokens to e\.g\. 4096",
+    ):
+        cfg("--train.batch_warmup_start_tokens", "2048", "--train.batch_warmup_tokens", "10")
+    with pytest.raises(ValueError, match=r"smaller than train\.global_batch_tokens=24576 and divide it"):
+        cfg("--train.batch_warmup_start_tokens", "24576", "--train.batch_warmup_tokens", "10")
+    with pytest.raises(
+        ValueError, match=r"train\.batch_warmup_start_tokens=16384 must be smaller .* divide it"
+    ):
+        cfg("--train.batch_warmup_start_tokens", "16384", "--train.batch_warmup_tokens", "10")
+    # elastic 1..3 workers: the start must split over 1, 2 and 3 workers x 4 rows (lcm 6 x 4 x 512 = 12288)
+    with pytest.raises(
+        ValueError,
+        match=r"scaling\.num_workers=\[1, 3\].*\[3\].*e\.g\. train\.batch_warmup_start_tokens=12288",
+    ):
+        cfg(
+            "--train.batch_warmup_start_tokens",
+            "8192",
+            "--train.batch_warmup_tokens",
+            "10",
+            "--scaling.num_workers",
+            "[1, 3]",
+        )
+    # a warmup needs an explicit global batch above one micro-batch per worker
+    derived = load_pretrain_config(
+        None, ["--train.batch_warmup_start_tokens", "4096", "--train.batch_warmup_tokens", "10"]
+    )
+    with pytest.raises(ValueError, match=r"must be smaller than train\.global_batch_tokens=4096"):
+        resolve_config(derived).check_world_sizes()
+    ok = cfg("--train.batch_warmup_start_tokens", "4096", "--train.batch_warmup_tokens", str(3 * 4096 * 15))
+    ramp = ok.ramp()
+    assert [lv[0] for lv in ramp.levels()] == [8, 16, 24, 32, 40, 48] and ramp.steps_per_level == 3
+    assert ok.num_micro_batches == 6 and ok.mixture().ramp(512) == ramp  # the data source gets the same ramp

@@ -70,7 +70,11 @@ def test_modernbert_tiny_expands_theta_mask_wsd_and_optimizer_carry(tmp_path):
     assert all(p.config["train"]["mask_prob"] == 0.3 for p in plans)
     assert all(p.config["train"]["optimizer"] == "stable_adamw" for p in plans)
     assert [p.config["train"]["init_optimizer"] for p in plans] == [False, True, True]
-    assert [p.num_steps for p in plans] == [6, 4, 3]  # num_tokens / global_batch_tokens
+    assert [p.num_steps for p in plans] == [6, 4, 3]  # num_tokens through the batch schedule of each phase
+    # phase 1 warms its batch up 8 -> 16 -> 24 rows (2 steps each); the others hold their global batch
+    assert [plans[0].ramp.rows(s) for s in range(7)] == [8, 8, 16, 16, 24, 24, 24]
+    assert [p.ramp.enabled for p in plans] == [True, False, False]
+    assert plans[0].config["train"]["batch_warmup_start_tokens"] == 512
     seg = [p.segment for p in plans]
     assert (seg[0].kind, seg[0].warmup_steps, seg[0].stable_steps, seg[0].decay_steps) == ("wsd", 2, 4, 0)
     assert (seg[2].decay_shape, seg[2].decay_steps, seg[2].min_lr_ratio) == ("1-sqrt", 3, 0.0)
@@ -81,7 +85,7 @@ def test_modernbert_tiny_expands_theta_mask_wsd_and_optimizer_carry(tmp_path):
     assert lr.lr_at(end2 - 1) == lr.lr_at(end2) == 1e-3
     assert lr.lr_at(lr.num_steps - 1) == pytest.approx(1e-3 * (1 - (2 / 3) ** 0.5))
     cfg = to_pretrain_config(plans[1])
-    assert cfg.train.optimizer == "stable_adamw" and cfg.train.init_optimizer and cfg.num_micro_batches == 2
+    assert cfg.train.optimizer == "stable_adamw" and cfg.train.init_optimizer and cfg.num_micro_batches == 4
     assert cfg.data.sources == [] or cfg.data.sources[0].name == "all"
 
 
@@ -285,3 +289,59 @@ def test_jobs_pretrain_runs_a_recipe_config_and_checks_it_before_ray(tmp_path, c
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("pretrain: error: phase 0 ('seq1024'): data source 'all': ")
     assert "jobs/preprocess.py --output" in err[-1] and not (tmp_path / "runs").exists()
+
+
+def test_batch_warmup_of_a_phase_sets_its_steps_and_token_budget(tmp_path):
+    recipe = load("modernbert_style", tmp_path)
+    p1 = expand_recipe(recipe)[0]
+    ramp = p1.ramp
+    # ModernBERT-base: 768 -> 4,608 sequences of 1,024 tokens in steps of 768, over ~50B tokens
+    assert (ramp.start_rows, ramp.full_rows, ramp.num_levels) == (768, 4608, 6)
+    assert ramp.tokens_through(ramp.warmup_steps) == pytest.approx(50e9, rel=1e-3)
+    # 1.719T tokens through the ramp: the fewest steps that reach them (fewer than at the full batch from step 0)
+    n = p1.num_steps
+    assert ramp.tokens_through(n - 1) < 1_719_000_000_000 <= ramp.tokens_through(n)
+    assert n > -(-1_719_000_000_000 // p1.global_batch_tokens)
+    assert p1.segment.warmup_steps < ramp.steps_per_level  # the LR warmup (3B tokens) lies in the first level
+    assert p1.config["train"]["batch_warmup_start_tokens"] == 786432
+    assert to_pretrain_config(p1).ramp() == ramp
+    # the warmup is a phase setting: refused in pretrain.train and in a phase's overrides
+    with pytest.raises(ValueError, match="the batch warmup is a phase setting"):
+        expand_recipe(load("modernbert_style_tiny", tmp_path, "--pretrain.train.batch_warmup_tokens", "100"))
+    with pytest.raises(ValueError, match=r"phase 'decay': overrides.train sets .*batch_warmup"):
+        expand_recipe(
+            load(
+                "modernbert_style_tiny",
+                tmp_path,
+                "--phases.decay.overrides.train.batch_warmup_start_tokens",
+                "1",
+            )
+        )
+    with pytest.raises(
+        ValueError, match=r"phase 'decay': batch_warmup.start_tokens=512 and batch_warmup.tokens=0"
+    ):
+        load("modernbert_style_tiny", tmp_path, "--phases.decay.batch_warmup.start_tokens", "512")
+    with pytest.raises(
+        ValueError,
+        match=r"phase 'decay': batch_warmup.start_tokens=768 .*smaller than global_batch_tokens=2048",
+    ):
+        load(
+            "modernbert_style_tiny",
+            tmp_path,
+            "--phases.decay.batch_warmup",
+            "{start_tokens: 768, tokens: 10}",
+        )
+
+
+def test_report_plans_the_tokens_of_the_ramp(tmp_path):
+    recipe = load("modernbert_style_tiny", tmp_path)
+    plans = expand_recipe(recipe)
+    for plan in plans:  # a metrics file per phase is all the report needs
+        run = Path(plan.run_dir)
+        run.mkdir(parents=True)
+        (run / "metrics.jsonl").write_text(
+            json.dumps({"step": plan.num_steps, "train/loss": 1.0, "train/lr": 1e-3}) + "\n"
+        )
+    summary = json.loads(write_recipe_report(recipe, plans)["phases"].read_text())
+    # phase 1: 2 steps each of 512, 1,024, 1,536 tokens; phases 2-3: steps x their global batch
+    assert [s["tokens_planned"] for s in summary] == [6144, 4 * 2048, 3 * 2048]
