@@ -3,6 +3,10 @@
 Start-up (~7 s) and teardown are paid once. Tests that drive Ray in-process use the `ray_session` fixture
 (a driver connected to that cluster); `ray job submit` tests use `ray_cluster.dashboard_url`. The cluster runs in
 its own process group and only that group is stopped at the end (`ray stop` would kill every Ray on the host).
+
+Ray Train's controller polls its workers every `RAY_TRAIN_HEALTH_CHECK_INTERVAL_S` (2 s by default): the end of a
+fit, a reported checkpoint and a dead worker are only seen at the next poll. Tiny runs poll every 0.5 s (the
+variable reaches the cluster, the in-process drivers and the job drivers through the environment).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
 def _free_port() -> int:
@@ -42,7 +47,10 @@ def ray_cluster():
     ray_bin = Path(sys.executable).with_name("ray")
     temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's unix socket paths are length-limited
     port, dash = _free_port(), _free_port()
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_DATA_DISABLE_PROGRESS_BARS="1")
+    # RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0: on SIGTERM `ray start --block` would first drain the node for up to
+    # 30 s (for Ray Serve proxies) before stopping its processes; nothing here needs draining.
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_DATA_DISABLE_PROGRESS_BARS="1",
+               RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")  # fmt: skip
     cmd = [
         str(ray_bin), "start", "--head", "--block",
         f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
@@ -77,7 +85,7 @@ def ray_cluster():
     finally:
         try:
             os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=20)
+            proc.wait(timeout=20)  # ~2 s
         except (ProcessLookupError, subprocess.TimeoutExpired):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
