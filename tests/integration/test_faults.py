@@ -44,7 +44,7 @@ def fingerprints(run_dir: Path) -> set[tuple]:
 
 
 def traced_step(run_dir: Path) -> int:
-    """The last step rank 0 has started to train (its data trace gets every micro-batch as it is taken)."""
+    """The last step rank 0 has trained (its data trace gets the micro-batches of every step once it is done)."""
     return max((r["step"] for r in read_jsonl(run_dir / "data_trace.rank0.jsonl")), default=0)
 
 
