@@ -172,6 +172,8 @@ class ContrastiveRowValidator:
         self.sources, self.kinds = sources, kinds
         self.max_seq_len, self.truncation, self.tokenize = max_seq_len, truncation, tokenize
         self.tok = load_tokenizer(tokenizer or None)
+        # ids only (no offsets: about half the time); `_truncate` re-encodes the few over-long texts with offsets
+        self._encode_batch = getattr(self.tok, "encode_batch_fast", self.tok.encode_batch)
         self.schema = _stage_schema(tokenize)
 
     def _truncate(self, text: str, enc) -> tuple[str, Any] | None:
@@ -218,7 +220,7 @@ class ContrastiveRowValidator:
                 texts.append(rec[0])
                 texts.append(rec[1])
                 texts.extend(rec[2])
-        encs = iter(self.tok.encode_batch(texts)) if texts else iter(())
+        encs = iter(self._encode_batch(texts)) if texts else iter(())
         for i, rec in enumerate(parsed):
             for c in ("source_index", "source", "file_index", "file", "row", "original"):
                 out[c].append(cols[c][i])
@@ -245,7 +247,7 @@ class ContrastiveRowValidator:
             elif over and self.truncation == "truncate":
                 for j, ln in enumerate(lens):
                     if ln > self.max_seq_len:
-                        cut = self._truncate(texts_i[j], encs_i[j])
+                        cut = self._truncate(texts_i[j], self.tok.encode(texts_i[j]))  # with offsets
                         if cut is None:
                             out["reason"][i] = "too_long"
                             out["detail"][i] = (

@@ -152,7 +152,9 @@ class ContrastiveCollate:
         self.max_seq_len, self.num_negatives, self.seed = max_seq_len, num_negatives, seed
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
+        # ids only (no offsets)
+        encode = getattr(self.tokenizer, "encode_batch_fast", self.tokenizer.encode_batch)
+        return [e.ids for e in encode(texts, add_special_tokens=False)]
 
     def __call__(self, rows: dict[str, list], keys: np.ndarray | None = None) -> ContrastiveBatch:
         """`keys`: one int key per row (its global-order key) that seeds the choice of its hard negatives, so a

@@ -3,6 +3,13 @@
 Start-up (~7 s) and teardown are paid once. Tests that drive Ray in-process use the `ray_session` fixture
 (a driver connected to that cluster); `ray job submit` tests use `ray_cluster.dashboard_url`. The cluster runs in
 its own process group and only that group is stopped at the end (`ray stop` would kill every Ray on the host).
+
+`pretrain_reference` is the uninterrupted pretraining run that the restart tests of several modules compare
+against (test_pretrain, test_faults): one real `ray job submit` per session.
+
+Ray Train's controller polls its workers every `RAY_TRAIN_HEALTH_CHECK_INTERVAL_S` (2 s by default): the end of a
+fit, a reported checkpoint and a dead worker are only seen at the next poll. Tiny runs poll every 0.5 s (the
+variable reaches the cluster, the in-process drivers and the job drivers through the environment).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
 def _free_port() -> int:
@@ -42,7 +50,10 @@ def ray_cluster():
     ray_bin = Path(sys.executable).with_name("ray")
     temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's unix socket paths are length-limited
     port, dash = _free_port(), _free_port()
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_DATA_DISABLE_PROGRESS_BARS="1")
+    # RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0: on SIGTERM `ray start --block` would first drain the node for up to
+    # 30 s (for Ray Serve proxies) before stopping its processes; nothing here needs draining.
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_DATA_DISABLE_PROGRESS_BARS="1",
+               RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")  # fmt: skip
     cmd = [
         str(ray_bin), "start", "--head", "--block",
         f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
@@ -77,7 +88,7 @@ def ray_cluster():
     finally:
         try:
             os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=20)
+            proc.wait(timeout=20)  # ~2 s
         except (ProcessLookupError, subprocess.TimeoutExpired):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -94,9 +105,67 @@ def ray_session(ray_cluster):
     yield ray_cluster
     # ray.shutdown() can block for good in its disconnect when threads of other libraries (W&B's service
     # finalizer, tqdm monitors) are still alive in this process; the cluster fixture stops the whole cluster
-    # right after, so give the disconnect a bounded time in a daemon thread.
+    # right after, so give the disconnect a bounded time in a daemon thread: it takes well under 1 s when it
+    # returns at all (at the end of a whole-suite run it did not within 30 s).
     import threading
 
     done = threading.Thread(target=ray.shutdown, name="ray-shutdown", daemon=True)
     done.start()
-    done.join(timeout=30)
+    done.join(timeout=5)
+
+
+PRETRAIN_PACK = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainReference:
+    """The uninterrupted reference pretraining run: `run_dir` and the finished `ray job submit` process."""
+
+    run_dir: Path
+    proc: subprocess.CompletedProcess
+
+    @staticmethod
+    def overrides(storage: Path | str, name: str, **extra) -> list[str]:
+        """The reference's CLI overrides for a run `name` under `storage`, with `extra` keys on top: 10 steps of 8
+        packed rows (2 workers x 1 micro-batch of 4 rows of PRETRAIN_PACK tokens) over a train set capped at 40
+        rows (an epoch is 5 steps), a data trace of every micro-batch, the loss logged every 2 steps."""
+        base = {
+            "data.pack_tokens": PRETRAIN_PACK,
+            "data.num_train_rows": 40,
+            "data.num_eval_rows": 8,
+            "data.shuffle_window_rows": 8,
+            "train.tokens_per_micro_batch": 4 * PRETRAIN_PACK,
+            "train.num_steps": 10,
+            "train.warmup_steps": 2,
+            "train.lr": 3e-3,
+            "checkpoint.every_steps": 10,
+            "checkpoint.num_to_keep": 2,
+            "checkpoint.storage_path": str(storage),
+            "checkpoint.name": name,
+            "logging.every_steps": 2,
+            "logging.eval_every_steps": 0,
+            "logging.num_eval_batches": 2,
+            "logging.trace_data": True,
+            **extra,
+        }
+        return [f"--{k}={v}" for k, v in base.items()]
+
+
+@pytest.fixture(scope="session")
+def pretrain_reference(ray_cluster, tmp_path_factory) -> PretrainReference:
+    """The uninterrupted reference run, as a real job: `ray job submit --working-dir . -- python jobs/pretrain.py`
+    on the embedded default data (tokenized and packed on the fly). Its result is asserted in test_pretrain."""
+    storage = tmp_path_factory.mktemp("reference")
+    ray_bin = Path(sys.executable).with_name("ray")
+    cmd = [
+        str(ray_bin), "job", "submit", "--address", ray_cluster.dashboard_url, "--working-dir", str(REPO),
+        "--", sys.executable, "jobs/pretrain.py", *PretrainReference.overrides(storage, "a"),
+    ]  # fmt: skip
+    env = dict(os.environ, RAY_DATA_DISABLE_PROGRESS_BARS="1")
+    deadline = time.time() + 60
+    while True:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+        # A fresh cluster's job agent may not be up yet; the submit is refused before anything runs.
+        if "No available agent to submit job" not in proc.stderr + proc.stdout or time.time() > deadline:
+            return PretrainReference(run_dir=storage / "a", proc=proc)
+        time.sleep(2)

@@ -1,7 +1,8 @@
 """Fault injection on the driver: `kill -9` of a running `jobs/pretrain.py` at a seeded random step, then a re-run
 of the same command. The re-run resumes from the latest complete checkpoint and ends with the losses and the data
-(row + mask fingerprints of every micro-batch) of an uninterrupted run. Worker kills (also during a checkpoint
-write) are in test_pretrain.py."""
+(row + mask fingerprints of every micro-batch) of the uninterrupted run: the session's `pretrain_reference`
+(conftest.py), whose settings the killed run takes with a checkpoint every 3 steps. Worker kills (also during a
+checkpoint write) are in test_pretrain.py."""
 
 from __future__ import annotations
 
@@ -20,31 +21,7 @@ pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 SEED = 20261204  # the kill step is drawn from it: a failure reproduces
-NUM_STEPS = 12
-
-
-def command(address: str, storage: Path, name: str) -> list[str]:
-    keys = {
-        "data.pack_tokens": 128,
-        "data.num_train_rows": 40,
-        "data.num_eval_rows": 8,
-        "train.tokens_per_micro_batch": 512,
-        "train.num_steps": NUM_STEPS,
-        "train.warmup_steps": 2,
-        "checkpoint.every_steps": 3,
-        "checkpoint.storage_path": str(storage),
-        "checkpoint.name": name,
-        "logging.every_steps": 1,
-        "logging.eval_every_steps": 0,
-        "logging.trace_data": True,
-    }
-    return [
-        sys.executable,
-        "jobs/pretrain.py",
-        "--address",
-        address,
-        *(f"--{k}={v}" for k, v in keys.items()),
-    ]
+NUM_STEPS = 10  # the reference run's train.num_steps
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -66,6 +43,11 @@ def fingerprints(run_dir: Path) -> set[tuple]:
     return out
 
 
+def traced_step(run_dir: Path) -> int:
+    """The last step rank 0 has trained (its data trace gets the micro-batches of every step once it is done)."""
+    return max((r["step"] for r in read_jsonl(run_dir / "data_trace.rank0.jsonl")), default=0)
+
+
 def run(cmd: list[str]) -> subprocess.CompletedProcess:
     env = dict(os.environ, RAY_DATA_DISABLE_PROGRESS_BARS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env, cwd=REPO)
@@ -73,37 +55,70 @@ def run(cmd: list[str]) -> subprocess.CompletedProcess:
     return proc
 
 
-def test_driver_killed_at_a_random_step_resumes_like_an_uninterrupted_run(ray_cluster, tmp_path):
-    storage = tmp_path / "runs"
-    run(command(ray_cluster.address, storage, "uninterrupted"))
-    reference = storage / "uninterrupted"
-    assert sorted(losses(reference)) == list(range(1, NUM_STEPS + 1))
+def wait_until_the_job_of_a_dead_driver_is_gone(dashboard_url: str, driver_pid: int, timeout: float) -> None:
+    """Ray ends the job of a dead driver (its Train controller and workers); wait until every actor of that job is
+    dead and its process has exited, so that nothing of the killed run writes into the run dir any more."""
+    from ray.util.state import list_actors, list_jobs
+
+    deadline = time.monotonic() + timeout
+    while True:
+        jobs = [
+            j.job_id
+            for j in list_jobs(address=dashboard_url, raise_on_missing_output=False)
+            if j.driver_info is not None and str(j.driver_info.pid) == str(driver_pid)
+        ]
+        assert len(jobs) == 1, jobs
+        actors = list_actors(
+            address=dashboard_url,
+            filters=[("job_id", "=", jobs[0])],
+            limit=1000,
+            raise_on_missing_output=False,
+        )
+        assert actors, "the killed driver's job started no actors"
+        running = [a for a in actors if a.state != "DEAD" or (a.pid and process_exists(a.pid))]
+        if not running:
+            return
+        assert time.monotonic() < deadline, f"the killed driver's actors still run: {running}"
+        time.sleep(0.2)
+
+
+def process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def test_driver_killed_at_a_random_step_resumes_like_an_uninterrupted_run(
+    ray_cluster, pretrain_reference, tmp_path
+):
+    reference = pretrain_reference.run_dir
+    assert pretrain_reference.proc.returncode == 0, (
+        pretrain_reference.proc.stdout + pretrain_reference.proc.stderr
+    )[-4000:]
+    assert sorted(losses(reference)) == list(range(2, NUM_STEPS + 1, 2))
 
     kill_step = random.Random(SEED).randint(4, NUM_STEPS - 2)
-    cmd = command(ray_cluster.address, storage, "killed")
-    run_dir = storage / "killed"
+    cmd = [sys.executable, "jobs/pretrain.py", "--address", ray_cluster.address,
+           *pretrain_reference.overrides(tmp_path / "runs", "killed", **{"checkpoint.every_steps": 3})]  # fmt: skip
+    run_dir = tmp_path / "runs" / "killed"
     env = dict(os.environ, RAY_DATA_DISABLE_PROGRESS_BARS="1")
     driver = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
-    while max(losses(run_dir), default=0) < kill_step:
+    while traced_step(run_dir) < kill_step:
         assert driver.poll() is None, "the job ended before the kill step"
         assert time.monotonic() < deadline, f"step {kill_step} not reached"
-        time.sleep(0.2)
+        time.sleep(0.1)
     driver.send_signal(signal.SIGKILL)
     driver.wait()
-    killed_at = max(losses(run_dir))
+    wait_until_the_job_of_a_dead_driver_is_gone(ray_cluster.dashboard_url, driver.pid, timeout=60)
+    killed_at = traced_step(run_dir)
     assert killed_at < NUM_STEPS
     traced_before = len(read_jsonl(run_dir / "data_trace.rank0.jsonl"))
 
-    # Ray ends a dead driver's job (its Train controller and workers); the re-run must not race them.
-    deadline = time.monotonic() + 60
-    last = (run_dir / "metrics.jsonl").stat().st_mtime
-    while time.monotonic() < deadline:
-        time.sleep(1.0)
-        now = (run_dir / "metrics.jsonl").stat().st_mtime
-        if now == last:
-            break
-        last = now
     run(cmd)
     # It resumed (a restart from step 0 would trace every step again) ...
     traced_again = len(read_jsonl(run_dir / "data_trace.rank0.jsonl")) - traced_before

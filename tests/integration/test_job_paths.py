@@ -25,19 +25,36 @@ ROWS = [
 ]
 
 
-def submit(ray_cluster, job_args: list[str], env_vars: dict[str, str] | None) -> subprocess.CompletedProcess:
+def submit_cmd(ray_cluster, job_args: list[str], env_vars: dict[str, str] | None) -> list[str]:
     cmd = [str(Path(sys.executable).with_name("ray")), "job", "submit", "--address", ray_cluster.dashboard_url,
            "--working-dir", str(REPO)]  # fmt: skip
     if env_vars is not None:
         cmd += ["--runtime-env-json", json.dumps({"env_vars": env_vars})]
-    cmd += ["--", sys.executable, *job_args]
+    return [*cmd, "--", sys.executable, *job_args]
+
+
+def submit_all(cmds: dict[str, list[str]]) -> dict[str, subprocess.CompletedProcess]:
+    """Every submit at once (each job waits mostly on Ray: runtime env, driver start, log tail); a submit that a
+    fresh cluster's job agent refused before anything ran (not up yet) is repeated."""
     deadline = time.time() + 60
-    while True:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, cwd=REPO)
-        # a fresh cluster's job agent may not be up yet: the submit is refused before anything runs
-        if "No available agent to submit job" not in proc.stderr + proc.stdout or time.time() > deadline:
-            return proc
-        time.sleep(2)
+    out: dict[str, subprocess.CompletedProcess] = {}
+    todo = dict(cmds)
+    while todo:
+        procs = {
+            k: subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+            for k, c in todo.items()
+        }
+        for k, p in procs.items():
+            stdout, stderr = p.communicate(timeout=180)
+            out[k] = subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr)
+        todo = {
+            k: c
+            for k, c in todo.items()
+            if "No available agent to submit job" in out[k].stderr + out[k].stdout and time.time() <= deadline
+        }
+        if todo:
+            time.sleep(2)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +70,20 @@ ARGS = ["jobs/validate_contrastive.py", "--engine", "local", "--source", "pairs=
         "--output", "outputs/validated"]  # fmt: skip
 
 
-def test_relative_paths_resolve_against_the_submit_dir(ray_cluster, submit_dir):
-    proc = submit(ray_cluster, ARGS, {"NEOBERT_SUBMIT_DIR": str(submit_dir)})
+@pytest.fixture(scope="module")
+def submitted(ray_cluster, submit_dir) -> dict[str, subprocess.CompletedProcess]:
+    """The three submits of this module (NEOBERT_SUBMIT_DIR set, unset, and naming a dir not on the node)."""
+    return submit_all(
+        {
+            "submit_dir": submit_cmd(ray_cluster, ARGS, {"NEOBERT_SUBMIT_DIR": str(submit_dir)}),
+            "no_submit_dir": submit_cmd(ray_cluster, ARGS, None),
+            "remote": submit_cmd(ray_cluster, ARGS, {"NEOBERT_SUBMIT_DIR": "/nonexistent/laptop/home"}),
+        }
+    )
+
+
+def test_relative_paths_resolve_against_the_submit_dir(ray_cluster, submit_dir, submitted):
+    proc = submitted["submit_dir"]
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     target = submit_dir / "outputs" / "validated"
@@ -66,16 +95,16 @@ def test_relative_paths_resolve_against_the_submit_dir(ray_cluster, submit_dir):
     )
 
 
-def test_relative_output_without_submit_dir_is_refused(ray_cluster):
-    proc = submit(ray_cluster, ARGS, None)
+def test_relative_output_without_submit_dir_is_refused(submitted):
+    proc = submitted["no_submit_dir"]
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out[-4000:]
     assert "validate_contrastive: error: output='outputs/validated' is relative" in out, out[-4000:]
     assert "working-dir package cache" in out and "NEOBERT_SUBMIT_DIR" in out and "Traceback" not in out
 
 
-def test_remote_cluster_needs_an_absolute_output(ray_cluster):
-    proc = submit(ray_cluster, ARGS, {"NEOBERT_SUBMIT_DIR": "/nonexistent/laptop/home"})
+def test_remote_cluster_needs_an_absolute_output(submitted):
+    proc = submitted["remote"]
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out[-4000:]
     assert "job runs on a remote cluster" in out and "a URI" in out, out[-4000:]

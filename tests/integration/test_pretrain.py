@@ -2,7 +2,8 @@
 
 Three runs share their assertions (each costs ~15-30 s on 2 cores):
   A  10 steps uninterrupted, as a real `ray job submit --working-dir . -- python jobs/pretrain.py` on the
-     embedded default corpus tokenized and packed on the fly (reference data order; loss must decrease);
+     embedded default corpus tokenized and packed on the fly (reference data order; loss must decrease): the
+     session's `pretrain_reference` (conftest.py, shared with test_faults);
   B  in-process fits on the same corpus preprocessed once to Parquet (so the on-the-fly and the preprocessed
      paths must yield the same rows in the same order): 6 steps with a worker crash injected at step 5
      (restart from the step-3 checkpoint, finish at 6), then a re-fit under the same name with num_steps=10
@@ -18,7 +19,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -28,30 +28,7 @@ import yaml
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
-PACK = 128
-
-
-def overrides(storage: Path | str, name: str, **extra) -> list[str]:
-    base = {
-        "data.pack_tokens": PACK,
-        "data.num_train_rows": 40,
-        "data.num_eval_rows": 8,
-        "data.shuffle_window_rows": 8,
-        "train.tokens_per_micro_batch": 4 * PACK,
-        "train.num_steps": 10,
-        "train.warmup_steps": 2,
-        "train.lr": 3e-3,
-        "checkpoint.every_steps": 10,
-        "checkpoint.num_to_keep": 2,
-        "checkpoint.storage_path": str(storage),
-        "checkpoint.name": name,
-        "logging.every_steps": 2,
-        "logging.eval_every_steps": 0,
-        "logging.num_eval_batches": 2,
-        "logging.trace_data": True,
-        **extra,
-    }
-    return [f"--{k}={v}" for k, v in base.items()]
+PACK = 128  # the reference run's data.pack_tokens (conftest.PRETRAIN_PACK)
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -71,27 +48,14 @@ def fit(argv: list[str]):
 
 
 @pytest.fixture(scope="module")
-def run_a(ray_cluster, tmp_path_factory):
+def run_a(pretrain_reference):
     """The uninterrupted reference run, as a real job: `ray job submit --working-dir . -- python jobs/pretrain.py`
-    on the embedded default data (tokenized and packed on the fly)."""
-    storage = tmp_path_factory.mktemp("runs")
-    ray_bin = Path(sys.executable).with_name("ray")
-    cmd = [
-        str(ray_bin), "job", "submit", "--address", ray_cluster.dashboard_url, "--working-dir", str(REPO),
-        "--", sys.executable, "jobs/pretrain.py", *overrides(storage, "a"),
-    ]  # fmt: skip
-    env = dict(os.environ, RAY_DATA_DISABLE_PROGRESS_BARS="1")
-    deadline = time.time() + 60
-    while True:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
-        # A fresh cluster's job agent may not be up yet; the submit is refused before anything runs.
-        if "No available agent to submit job" not in proc.stderr + proc.stdout or time.time() > deadline:
-            return storage / "a", proc
-        time.sleep(2)
+    on the embedded default data (tokenized and packed on the fly); shared with test_faults (conftest.py)."""
+    return pretrain_reference.run_dir, pretrain_reference.proc
 
 
 @pytest.fixture(scope="module")
-def packed_dir(ray_cluster, run_a, tmp_path_factory):
+def packed_dir(ray_cluster, pretrain_reference, tmp_path_factory):
     """The same corpus preprocessed once to Parquet, as a real `ray job submit -- python jobs/preprocess.py` on the
     embedded default corpus, so the in-process fits skip tokenization; its rows must come out in the same order
     as the on-the-fly pipeline's."""
@@ -111,7 +75,7 @@ def packed_dir(ray_cluster, run_a, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def run_b(ray_session, run_a, packed_dir, tmp_path_factory):
+def run_b(ray_session, pretrain_reference, packed_dir, tmp_path_factory):
     """In-process fits: 6 steps with a crash injected at step 5, then a re-fit of the same name to 10 steps.
 
     Storage and packed data are given as file:// URIs: the code path of s3:// / gs:// (pyarrow filesystems;
@@ -123,14 +87,14 @@ def run_b(ray_session, run_a, packed_dir, tmp_path_factory):
         "checkpoint.every_steps": 3,
     }
     cfg, crashed = fit(
-        overrides(f"file://{storage}", "b", **common, **{"train.num_steps": 6, "failure.inject_failure_at_step": 5,
+        pretrain_reference.overrides(f"file://{storage}", "b", **common, **{"train.num_steps": 6, "failure.inject_failure_at_step": 5,
                                                          "failure.max_failures": 1})
     )  # fmt: skip
     crashed_state = train_state(crashed.checkpoint)  # read now: the re-fit's checkpoints rotate it out
     assert cfg.run_dir == f"file://{storage}/b"
     run_dir = storage / "b"
     after_crash = {r: len(trace(run_dir, r)) for r in (0, 1)}
-    _, resumed = fit(overrides(storage, "b", **common))
+    _, resumed = fit(pretrain_reference.overrides(storage, "b", **common))
     return run_dir, crashed, crashed_state, resumed, after_crash
 
 
@@ -239,7 +203,7 @@ KILL_SEED = 2026
 
 
 @pytest.fixture(scope="module")
-def run_killed(ray_session, run_a, packed_dir, tmp_path_factory):
+def run_killed(ray_session, pretrain_reference, packed_dir, tmp_path_factory):
     """The reference run's settings (10 steps) on the packed corpus, with a worker SIGKILLed at a seeded random
     step: once after a step (the last rank) and once while rank 0 writes a checkpoint. Each restarts from the
     latest complete checkpoint (failure.max_failures=1)."""
@@ -258,7 +222,7 @@ def run_killed(ray_session, run_a, packed_dir, tmp_path_factory):
             "data.packed_dir": str(packed_dir), "logging.num_eval_batches": 0, "checkpoint.every_steps": every,
             "failure.max_failures": 1, "failure.inject_failure_at_step": step, "failure.inject_failure_mode": mode,
         }  # fmt: skip
-        _, result = fit(overrides(storage, mode, **extra))
+        _, result = fit(pretrain_reference.overrides(storage, mode, **extra))
         out[mode] = (storage / mode, step, result)
     return out
 
