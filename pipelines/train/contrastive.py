@@ -567,7 +567,7 @@ def check_contrastive_resume(cfg: ContrastiveConfig, pairs: MixtureSection):
                 "--checkpoint.name or --checkpoint.storage_path"
             )
         try:
-            check_state(pairs, data, 1)
+            check_state(pairs, data, 1, kind=STATE_KIND)
         except ValueError as e:
             raise ConfigError(f"{cfg.run_dir} cannot resume: {e}") from None
         if saved["world_size"] != cfg.scaling.num_workers:

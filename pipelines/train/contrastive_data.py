@@ -269,16 +269,13 @@ class ContrastiveStepSource(GlobalStepSource):
 
     size_column = None  # every pair weighs 1
     size_metric = "pairs"
+    state_kind = STATE_KIND
 
     def __init__(
         self, cfg: MixtureSection, open_epochs: dict[str, OpenEpoch], collate: ContrastiveCollate, *,
         rank: int = 0, world_size: int = 1, one_source_per_batch: bool = False, state: dict | None = None,
         max_steps: int | None = None, pin_memory: bool = False,
     ) -> None:  # fmt: skip
-        if state is not None and state.get("kind") != STATE_KIND:
-            raise ValueError(
-                f"the data position {state} is not one of the contrastive pair order; start a new run"
-            )
         self.collate, self.one_source_per_batch = collate, one_source_per_batch
         super().__init__(
             cfg, open_epochs, pack_tokens=1,

@@ -708,10 +708,11 @@ def order_identity(cfg: MixtureSection) -> dict[str, Any]:
     }
 
 
-def check_state(cfg: MixtureSection, state: dict | None, pack_tokens: int) -> None:
+def check_state(cfg: MixtureSection, state: dict | None, pack_tokens: int, kind: str | None = None) -> None:
     """Refuse a saved data state that `cfg` cannot continue (ConfigError naming the setting to restore); the
     driver calls it before Ray starts, the source again on the worker. World size and micro-batch size are free;
-    seed, shuffle window, sources, the global step size and the batch-size warmup are not."""
+    seed, shuffle window, sources, the global step size, the batch-size warmup and the job are not (`kind`: the
+    state's kind, None for pretraining's packed rows)."""
     from pipelines.train.config import ConfigError
 
     if state is None:
@@ -721,6 +722,15 @@ def check_state(cfg: MixtureSection, state: dict | None, pack_tokens: int) -> No
             f"the checkpoint's data position (version {state.get('version')}, kind {state.get('kind')!r}) is not "
             f"a global data order position (version {STATE_VERSION}); it cannot be resumed: start a new run with "
             "another checkpoint.name"
+        )
+    if state.get("kind") != kind:  # e.g. a contrastive run's pair position in a pretraining run (or back)
+
+        def what(k: str | None) -> str:
+            return f"a {k!r} order" if k else "the packed-row order of pretraining"
+
+        raise ConfigError(
+            f"the checkpoint's data position is one of {what(state.get('kind'))}, not of {what(kind)}: the run dir "
+            "belongs to another job; resume it with that job, or start a new run (another checkpoint.name)"
         )
     saved, now = state["order"], order_identity(cfg)
     for key in ("seed", "shuffle_window_rows"):
@@ -784,6 +794,9 @@ class GlobalStepSource:
 
     size_column: str | None = "num_tokens"
     size_metric = "tokens"  # the step's size per source is reported as data/<size_metric>/<source>
+    state_kind: str | None = (
+        None  # the state's "kind" (None: pretraining's packed rows); a resume must match it
+    )
 
     def __init__(
         self,
@@ -835,7 +848,7 @@ class GlobalStepSource:
         return order_identity(self.cfg)
 
     def _check_state(self, state: dict | None) -> None:
-        check_state(self.cfg, state, self.pack_tokens)
+        check_state(self.cfg, state, self.pack_tokens, kind=self.state_kind)
 
     def _snapshot(self, step: int) -> dict[str, Any]:
         return {

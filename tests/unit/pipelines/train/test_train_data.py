@@ -287,6 +287,17 @@ def test_resume_refuses_another_order():
         )
 
 
+def test_resume_refuses_the_position_of_another_job():
+    cfg = mixture(*TWO)
+    _, states = run(cfg, world=1, m=1, steps=2)
+    pairs = {**states[-1], "kind": "contrastive"}  # same sources and order: only the kind tells them apart
+    with pytest.raises(
+        ValueError, match=r"one of a 'contrastive' order, not of the packed-row order of pretraining"
+    ):
+        GlobalStepSource(cfg, opener(), pack_tokens=PACK, rows_per_micro_batch=1, state=pairs)
+    GlobalStepSource(cfg, opener(), pack_tokens=PACK, rows_per_micro_batch=1, state=states[-1]).close()
+
+
 def test_empty_source_is_an_error():
     empty = {"a": Reader(TABLES["a"].slice(0, 0))}
     src = GlobalStepSource(mixture(SourceSection("a", "/a")), empty, pack_tokens=PACK, rows_per_micro_batch=1)
