@@ -173,7 +173,7 @@ class ContrastiveRowValidator:
         self.max_seq_len, self.truncation, self.tokenize = max_seq_len, truncation, tokenize
         self.tok = load_tokenizer(tokenizer or None)
         # ids only (no offsets: about half the time); `_truncate` re-encodes the few over-long texts with offsets
-        self._encode_batch = getattr(self.tok, "encode_batch_fast", self.tok.encode_batch)
+        self._encode_batch = self.tok.encode_batch_fast
         self.schema = _stage_schema(tokenize)
 
     def _truncate(self, text: str, enc) -> tuple[str, Any] | None:

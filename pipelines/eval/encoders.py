@@ -139,8 +139,7 @@ class NeoBERTEncoder(Encoder):
         from pipelines.train.contrastive_data import pack_token_lists
 
         # ids only (no offsets)
-        encode = getattr(self.tokenizer, "encode_batch_fast", self.tokenizer.encode_batch)
-        ids = [e.ids for e in encode(texts, add_special_tokens=False)]
+        ids = [e.ids for e in self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
         flat, lengths, _ = pack_token_lists(ids, min(max_seq_len, self.max_positions))
         dev = self.device
         meta = PackedMeta.from_lengths(lengths, device=dev)
@@ -173,7 +172,7 @@ class HFEncoder(Encoder):
 
     def encode(self, texts: list[str], max_seq_len: int) -> torch.Tensor:
         self.tokenizer.enable_truncation(min(max_seq_len, self.max_positions))
-        enc = getattr(self.tokenizer, "encode_batch_fast", self.tokenizer.encode_batch)(texts)  # ids only
+        enc = self.tokenizer.encode_batch_fast(texts)  # ids only
         n = max(len(e.ids) for e in enc)
         ids = torch.full((len(enc), n), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(enc), n), dtype=torch.long)

@@ -125,7 +125,7 @@ class DocumentTokenizer:
 
     def __init__(self, tokenizer_path: str | None = None):
         self.tokenizer = load_tokenizer(tokenizer_path or None)
-        self._encode = getattr(self.tokenizer, "encode_batch_fast", self.tokenizer.encode_batch)
+        self._encode = self.tokenizer.encode_batch_fast
 
     def encode(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """(flat ids (sum(lengths),) int32, lengths (D,) int64) for `texts`."""

@@ -153,8 +153,7 @@ class ContrastiveCollate:
 
     def tokenize(self, texts: list[str]) -> list[list[int]]:
         # ids only (no offsets)
-        encode = getattr(self.tokenizer, "encode_batch_fast", self.tokenizer.encode_batch)
-        return [e.ids for e in encode(texts, add_special_tokens=False)]
+        return [e.ids for e in self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
 
     def __call__(self, rows: dict[str, list], keys: np.ndarray | None = None) -> ContrastiveBatch:
         """`keys`: one int key per row (its global-order key) that seeds the choice of its hard negatives, so a
