@@ -4,7 +4,7 @@ and under the other strategy. The workers run in spawned processes (as Ray Train
 from __future__ import annotations
 
 import os
-import socket
+import tempfile
 
 import pytest
 import torch
@@ -44,9 +44,9 @@ def _micro_batch(step: int, rank: int, micro: int) -> MicroBatch:
     )
 
 
-def _init(rank: int, world: int, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _init(rank: int, world: int, store: str) -> None:
+    # a file store: no port picked in advance that another process on a busy box could take meanwhile
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
 
 
 def _train(strategy: str, rank: int, world: int, steps: range, ckpt_in: str | None, ckpt_out: str | None):
@@ -73,8 +73,8 @@ def _train(strategy: str, rank: int, world: int, steps: range, ckpt_in: str | No
     return losses, full_model_state(wrapped)
 
 
-def _worker(rank: int, world: int, port: int, jobs: list, out: dict) -> None:
-    _init(rank, world, port)
+def _worker(rank: int, world: int, store: str, jobs: list, out: dict) -> None:
+    _init(rank, world, store)
     try:
         results = [_train(*job[:1], rank, world, *job[1:]) for job in jobs]
         if rank == 0:
@@ -84,12 +84,9 @@ def _worker(rank: int, world: int, port: int, jobs: list, out: dict) -> None:
 
 
 def _run(world: int, jobs: list) -> dict:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with mp.Manager() as manager:
+    with tempfile.TemporaryDirectory() as d, mp.Manager() as manager:
         out = manager.dict()
-        mp.spawn(_worker, args=(world, port, jobs, out), nprocs=world, join=True)
+        mp.spawn(_worker, args=(world, os.path.join(d, "store"), jobs, out), nprocs=world, join=True)
         return dict(out)
 
 
