@@ -5,7 +5,8 @@ Start-up (~7 s) and teardown are paid once. Tests that drive Ray in-process use 
 its own process group and only that group is stopped at the end (`ray stop` would kill every Ray on the host).
 
 `pretrain_reference` is the uninterrupted pretraining run that the restart tests of several modules compare
-against (test_pretrain, test_faults): one real `ray job submit` per session.
+against (test_pretrain, test_faults): one real `ray job submit` per session. `recipe_data` is the packed data of
+the tiny recipes (test_recipe, test_recipe_modernbert), preprocessed once per session.
 
 Ray Train's controller polls its workers every `RAY_TRAIN_HEALTH_CHECK_INTERVAL_S` (2 s by default): the end of a
 fit, a reported checkpoint and a dead worker are only seen at the next poll. Tiny runs poll every 0.5 s (the
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import shutil
 import signal
@@ -169,3 +171,31 @@ def pretrain_reference(ray_cluster, tmp_path_factory) -> PretrainReference:
         if "No available agent to submit job" not in proc.stderr + proc.stdout or time.time() > deadline:
             return PretrainReference(run_dir=storage / "a", proc=proc)
         time.sleep(2)
+
+
+@pytest.fixture(scope="session")
+def recipe_data(ray_session, tmp_path_factory) -> Path:
+    """The `--data_root` of the tiny recipes: 400 paragraphs of the embedded Wikipedia articles packed at 64
+    tokens (`pack1024`) and at 128 tokens with the length views >= 64 and >= 96 tokens (`pack4096`); `pack8192`
+    is the same 128-token packs under the ModernBERT-style recipe's name."""
+    from pipelines.embedded import materialize
+    from pipelines.mlm.preprocess import PreprocessConfig, run_preprocess
+
+    root = tmp_path_factory.mktemp("recipe-data")
+    wiki = next(p for p in materialize().mlm_files if "wiki" in p.name)
+    docs = []
+    for line in wiki.read_text().splitlines()[:4]:
+        art = json.loads(line)
+        for j, para in enumerate(p for p in art["text"].split("\n\n") if len(p.split()) >= 8):
+            docs.append({"id": f"{art['id']}-{j}", "text": para})
+    corpus = root / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(d) + "\n" for d in docs[:400]))
+    common = dict(input=[str(corpus)], eval_fraction=0.1, rows_per_shard=64, row_group_rows=16)
+    run_preprocess(PreprocessConfig(output=str(root / "pack1024"), pack_tokens=64, max_seq_len=64, **common))
+    run_preprocess(
+        PreprocessConfig(
+            output=str(root / "pack4096"), pack_tokens=128, max_seq_len=128, length_views=[64, 96], **common
+        )
+    )
+    (root / "pack8192").symlink_to(root / "pack4096", target_is_directory=True)
+    return root

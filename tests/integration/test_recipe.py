@@ -62,27 +62,8 @@ def recipe_args(storage: Path, data_root: Path, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def data_root(ray_session, tmp_path_factory):
-    from pipelines.embedded import materialize
-    from pipelines.mlm.preprocess import PreprocessConfig, run_preprocess
-
-    root = tmp_path_factory.mktemp("data")
-    wiki = next(p for p in materialize().mlm_files if "wiki" in p.name)
-    docs = []
-    for line in wiki.read_text().splitlines()[:4]:
-        art = json.loads(line)
-        for j, para in enumerate(p for p in art["text"].split("\n\n") if len(p.split()) >= 8):
-            docs.append({"id": f"{art['id']}-{j}", "text": para})
-    corpus = root / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps(d) + "\n" for d in docs[:400]))
-    common = dict(input=[str(corpus)], eval_fraction=0.1, rows_per_shard=64, row_group_rows=16)
-    run_preprocess(PreprocessConfig(output=str(root / "pack1024"), pack_tokens=64, max_seq_len=64, **common))
-    run_preprocess(
-        PreprocessConfig(
-            output=str(root / "pack4096"), pack_tokens=128, max_seq_len=128, length_views=[64, 96], **common
-        )
-    )
-    return root
+def data_root(recipe_data):
+    return recipe_data
 
 
 @pytest.fixture(scope="module")
