@@ -636,7 +636,8 @@ def _tokens_seen(records: list[dict[str, Any]], sources: list[SourceSpec], pack_
 def write_recipe_report(recipe: Recipe, plans: list[PhasePlan] | None = None) -> dict[str, Path]:
     """Gather the phases' metrics into the recipe dir: `metrics.jsonl` (every record with `phase`, `phase_index`
     and `global_step` = step offset + step), `phases.json` (per phase: steps, tokens, first/last LR, last train
-    and eval loss, realized mixture) and `recipe.png` (loss and LR over global steps, phase boundaries marked).
+    and eval loss, realized mixture) and `recipe.png` (loss, LR and global batch over global steps, phase
+    boundaries marked).
     Phases that have not run yet are left out."""
     plans = plans or expand_recipe(recipe)
     root = Path(recipe.dir)
@@ -682,27 +683,31 @@ def write_recipe_report(recipe: Recipe, plans: list[PhasePlan] | None = None) ->
 
 
 def plot_recipe(records: list[dict[str, Any]], plans: list[PhasePlan], out: Path) -> None:
-    """Train / eval loss (top) and LR (bottom) over global steps, one colour band per phase."""
+    """Train / eval loss (top), LR (middle) and the global batch in tokens (bottom: phase sizes and any batch-size
+    warmup) over global steps, one colour band per phase."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, sharex=True, figsize=(9, 6))
-    for key, ax in (("train/loss", ax_loss), ("eval/loss", ax_loss), ("train/lr", ax_lr)):
+    fig, (ax_loss, ax_lr, ax_batch) = plt.subplots(3, 1, sharex=True, figsize=(9, 8))
+    panels = (("train/loss", ax_loss), ("eval/loss", ax_loss), ("train/lr", ax_lr),
+              ("train/global_batch_tokens", ax_batch))  # fmt: skip
+    for key, ax in panels:
         pts = [(r["global_step"], r[key]) for r in records if key in r]
         if pts:
             xs, ys = zip(*pts, strict=True)
             ax.plot(xs, ys, marker="." if key == "eval/loss" else None, label=key)
     for i, plan in enumerate(plans):
-        for ax in (ax_loss, ax_lr):
+        for ax in (ax_loss, ax_lr, ax_batch):
             ax.axvspan(plan.step_offset, plan.step_offset + plan.num_steps, alpha=0.08, color=f"C{i % 10}")
         ax_loss.text(plan.step_offset, 1.0, f" {plan.name}", transform=ax_loss.get_xaxis_transform(), va="top",
                      fontsize=8)  # fmt: skip
     ax_loss.set_ylabel("MLM loss")
     ax_loss.legend(loc="upper right")
     ax_lr.set_ylabel("learning rate")
-    ax_lr.set_xlabel("global step")
+    ax_batch.set_ylabel("global batch (tokens)")
+    ax_batch.set_xlabel("global step")
     fig.tight_layout()
     tmp = out.with_name(out.name + ".tmp.png")
     fig.savefig(tmp, dpi=100)

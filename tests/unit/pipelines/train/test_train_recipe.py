@@ -342,6 +342,11 @@ def test_report_plans_the_tokens_of_the_ramp(tmp_path):
         (run / "metrics.jsonl").write_text(
             json.dumps({"step": plan.num_steps, "train/loss": 1.0, "train/lr": 1e-3}) + "\n"
         )
-    summary = json.loads(write_recipe_report(recipe, plans)["phases"].read_text())
+    paths = write_recipe_report(recipe, plans)
+    summary = json.loads(paths["phases"].read_text())
     # phase 1: 2 steps each of 512, 1,024, 1,536 tokens; phases 2-3: steps x their global batch
     assert [s["tokens_planned"] for s in summary] == [6144, 4 * 2048, 3 * 2048]
+    # the plot has a third panel, the global batch: 8 inches at 100 dpi (two panels were 6)
+    png = paths["plot"].read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(png[20:24], "big") == 800
+    assert not list(paths["plot"].parent.glob("*.tmp.png"))
