@@ -34,10 +34,14 @@ REPO = Path(__file__).resolve().parents[2]
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(n: int) -> list[int]:
+    """n distinct free ports: every socket stays bound until all are picked (one at a time, the OS may hand the
+    same port out twice, and Ray refuses two components on one port)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +55,7 @@ class RayCluster:
 def ray_cluster():
     ray_bin = Path(sys.executable).with_name("ray")
     temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")  # short: Ray's unix socket paths are length-limited
-    port, dash = _free_port(), _free_port()
+    port, dash, client, worker, agent, agent_grpc, metrics, node, objects, env_agent = _free_ports(10)
     # RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0: on SIGTERM `ray start --block` would first drain the node for up to
     # 30 s (for Ray Serve proxies) before stopping its processes; nothing here needs draining.
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_DATA_DISABLE_PROGRESS_BARS="1",
@@ -61,12 +65,12 @@ def ray_cluster():
         f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
         "--num-cpus=4",  # logical CPUs: Train workers + Ray Data tasks must fit together (see docs)
         "--object-store-memory=700000000", f"--temp-dir={temp_dir}",
-        f"--ray-client-server-port={_free_port()}", f"--min-worker-port={_free_port()}",
+        f"--ray-client-server-port={client}", f"--min-worker-port={worker}",
         "--max-worker-port=0", "--disable-usage-stats",
         # Every fixed default port gets a free one, so a second Ray on the host cannot break the job agent.
-        f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-        f"--metrics-export-port={_free_port()}", f"--node-manager-port={_free_port()}",
-        f"--object-manager-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
+        f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+        f"--metrics-export-port={metrics}", f"--node-manager-port={node}",
+        f"--object-manager-port={objects}", f"--runtime-env-agent-port={env_agent}",
     ]  # fmt: skip
     log = open(Path(temp_dir) / "ray-start.log", "w")  # noqa: SIM115 (closed in the finally below)
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)

@@ -4,7 +4,6 @@ retrieval metrics on hand-made rankings, and the cross-worker gather with 2 gloo
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 
 import pytest
@@ -147,22 +146,17 @@ def test_retrieval_metrics_on_hand_made_rankings():
 
 
 # ------------------------------------------------------------------------- 2 gloo processes vs one process
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # Rank r holds queries/positives [Q_SPLIT[r]] and negatives [N_SPLIT[r]] of the full batch (unequal sizes).
 Q_SPLIT = (slice(0, 3), slice(3, 5))
 N_SPLIT = (slice(0, 5), slice(5, 7))
 
 
-def _gloo_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def _gloo_worker(rank: int, world: int, out_dir: str) -> None:
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # a file store: no port picked in advance that another process on a busy box could take meanwhile
+    store = os.path.join(out_dir, "store")
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         q, p, n = _rand_batch(4)
         q = q[Q_SPLIT[rank]].clone().requires_grad_(True)
@@ -193,7 +187,7 @@ def test_cross_worker_gather_gradient_equals_full_batch():
 
     world = 2
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_gloo_worker, args=(world, _free_port(), tmp), nprocs=world, join=True)
+        mp.spawn(_gloo_worker, args=(world, tmp), nprocs=world, join=True)
         res = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(world)]
     q, p, n = (t.clone().requires_grad_(True) for t in _rand_batch(4))
     full = info_nce_loss(q, p, n, temperature=0.05)
